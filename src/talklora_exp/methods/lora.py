@@ -1,0 +1,47 @@
+"""Plain LoRA through peft (LoraConfig / get_peft_model); the task head is trained and saved with the adapter."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch import nn
+
+from .base import Method, TargetLayer, find_target_layers
+
+
+class LoRAMethod(Method):
+    name = "lora"
+
+    def param_count(self, layers: list[TargetLayer], rank: int) -> int:
+        return sum(rank * (t.d_in + t.d_out) for t in layers)
+
+    def _peft_config(self, targets: list[str], head_modules: list[str], task_kind: str):
+        from peft import LoraConfig, TaskType
+
+        return LoraConfig(
+            r=int(self.cfg.rank),
+            lora_alpha=float(self.cfg.alpha),
+            lora_dropout=float(self.cfg.dropout),
+            target_modules=list(targets),
+            modules_to_save=list(head_modules) or None,
+            task_type=TaskType.SEQ_CLS if task_kind == "seq_cls" else TaskType.CAUSAL_LM,
+        )
+
+    def inject(self, model: nn.Module, targets: list[str], head_modules: list[str], task_kind: str) -> nn.Module:
+        from peft import get_peft_model
+
+        find_target_layers(model, targets)  # the clear error when nothing matches
+        return get_peft_model(model, self._peft_config(targets, head_modules, task_kind))
+
+    def adapter_param_names(self, model: nn.Module) -> list[str]:
+        return [n for n, _ in model.named_parameters() if "lora_" in n]
+
+    def save(self, model: nn.Module, out_dir: Path) -> None:
+        model.save_pretrained(str(out_dir))  # adapter_model.safetensors + adapter_config.json (peft format)
+
+    def load(self, model: nn.Module, in_dir: Path) -> nn.Module:
+        from peft import set_peft_model_state_dict
+        from peft.utils import load_peft_weights
+
+        set_peft_model_state_dict(model, load_peft_weights(str(in_dir)))
+        return model

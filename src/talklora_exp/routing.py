@@ -1,0 +1,120 @@
+"""Routing-balance statistics per adapted layer, over non-padding tokens.
+
+Recorded only while `RoutingRecorder.active` (eval, or every N train steps), so they cost one bool check otherwise.
+Pure functions (`balance_stats`, `summarize`) are tested on hand-made distributions.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+
+STAT_KEYS = ("load_entropy", "token_entropy", "cv", "max_min_ratio", "gini", "top1_share", "sensitivity")
+
+
+def balance_stats(load: np.ndarray) -> dict[str, float | None]:
+    """Balance of a mean expert-load vector P (sums to 1): normalised entropy H(P)/log E, CV, max/min, Gini."""
+    P = np.asarray(load, dtype=np.float64)
+    E = P.size
+    nz = P[P > 0]
+    ent = float(-(nz * np.log(nz)).sum() / math.log(E)) if E > 1 else None
+    mean = P.mean()
+    cv = float(P.std() / mean) if mean > 0 else None
+    mmr = float(P.max() / P.min()) if P.min() > 0 else None  # None = some expert never used (ratio infinite)
+    gini = float(np.abs(P[:, None] - P[None, :]).sum() / (2 * E * E * mean)) if mean > 0 else None
+    return {"load_entropy": ent, "cv": cv, "max_min_ratio": mmr, "gini": gini}
+
+
+def summarize(sum_p: np.ndarray, top1: np.ndarray, ent_sum: float, sens_sum: float, n: int) -> dict[str, Any]:
+    """Per-layer statistics from accumulated sums over n tokens."""
+    E = len(sum_p)
+    P = np.asarray(sum_p, dtype=np.float64) / max(n, 1)
+    out: dict[str, Any] = {"tokens": int(n), "load": P.tolist()}
+    out.update(balance_stats(P))
+    out["token_entropy"] = float(ent_sum / max(n, 1) / math.log(E)) if E > 1 else None
+    out["top1_share"] = float(np.max(top1) / max(n, 1))
+    out["sensitivity"] = float(sens_sum / max(n, 1))
+    return out
+
+
+def aggregate(per_layer: dict[str, dict[str, Any]]) -> dict[str, float | None]:
+    """Mean of each statistic over layers (layers where it is undefined are left out)."""
+    agg: dict[str, float | None] = {}
+    for k in STAT_KEYS:
+        vals = [v[k] for v in per_layer.values() if v.get(k) is not None]
+        agg[k] = float(np.mean(vals)) if vals else None
+    return agg
+
+
+class RoutingRecorder:
+    """Accumulates routing sums per layer while active; `stop()` returns per-layer and aggregated statistics."""
+
+    def __init__(self, layers: list[Any], sensitivity_eps: float = 1e-2, seed: int = 0):
+        self.layers = layers
+        self.eps = sensitivity_eps
+        self.seed = seed
+        self.active = False
+        self.mask: torch.Tensor | None = None
+        self.acc: dict[str, dict[str, Any]] = {}
+        self._gen: torch.Generator | None = None
+        for lyr in layers:
+            object.__setattr__(lyr, "_recorder", self)
+
+    def set_mask(self, mask: torch.Tensor | None) -> None:
+        self.mask = mask
+
+    def token_mask(self, shape: torch.Size) -> torch.Tensor | None:
+        """The attention mask when it lines up with this activation's token axes (not during cached decoding)."""
+        if self.mask is not None and tuple(self.mask.shape) == tuple(shape):
+            return self.mask.bool()
+        return None
+
+    def start(self) -> None:
+        self.active, self.acc, self._gen = True, {}, None
+
+    def stop(self) -> dict[str, Any]:
+        self.active = False
+        per_layer = {
+            name: summarize(
+                a["sum_p"].cpu().numpy(), a["top1"].cpu().numpy(), a["ent"].item(), a["sens"].item(), a["n"]
+            )
+            for name, a in self.acc.items()
+        }
+        self.acc = {}
+        return {"layers": per_layer, "aggregate": aggregate(per_layer)}
+
+    @torch.no_grad()
+    def observe(self, layer: Any, x: torch.Tensor, g: torch.Tensor) -> None:
+        E = g.shape[-1]
+        m = self.token_mask(g.shape[:-1])
+        xf, gf = x.reshape(-1, x.shape[-1]), g.reshape(-1, E).float()
+        if m is not None:
+            sel = m.reshape(-1)
+            xf, gf = xf[sel], gf[sel]
+        if gf.shape[0] == 0:
+            return
+        a = self.acc.get(layer.name)
+        if a is None:
+            z = torch.zeros(E, device=g.device, dtype=torch.float64)
+            a = self.acc[layer.name] = {
+                "sum_p": z,
+                "top1": z.clone(),
+                "ent": z.new_zeros(()),
+                "sens": z.new_zeros(()),
+                "n": 0,
+            }
+        a["sum_p"] += gf.sum(0).double()
+        a["top1"] += torch.bincount(gf.argmax(-1), minlength=E).double()
+        a["ent"] += -(gf * gf.clamp_min(1e-12).log()).sum().double()
+        a["n"] += gf.shape[0]
+        # Sensitivity: (|dg|/|g|) / (|dx|/|x|) with |dx| = eps |x| per token, on dropout-free routing.
+        if self._gen is None:
+            self._gen = torch.Generator(device=xf.device).manual_seed(self.seed)
+        noise = torch.randn(xf.shape, generator=self._gen, device=xf.device, dtype=xf.dtype)
+        dx = noise / noise.norm(dim=-1, keepdim=True) * self.eps * xf.norm(dim=-1, keepdim=True)
+        g0 = layer.probs(xf).float()
+        g1 = layer.probs(xf + dx).float()
+        a["sens"] += (((g1 - g0).norm(dim=-1) / g0.norm(dim=-1)) / self.eps).sum().double()

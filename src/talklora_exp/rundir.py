@@ -1,0 +1,101 @@
+"""The run-directory contract: config.yaml, train_log.jsonl, adapter/, routing.json, and metrics.json (last, atomic)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+
+def _clean(o: Any) -> Any:
+    """JSON has no NaN/inf: write them as null so files stay valid for every reader."""
+    if isinstance(o, float):
+        return o if math.isfinite(o) else None
+    if isinstance(o, dict):
+        return {k: _clean(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_clean(v) for v in o]
+    return o
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    """Write to a temp file in the same dir, then rename: readers never see a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(_clean(obj), f, indent=2, sort_keys=False)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def read_status(run_dir: Path) -> str | None:
+    p = Path(run_dir) / "metrics.json"
+    if not p.exists():
+        return None
+    try:
+        return json.loads(p.read_text()).get("status")
+    except (json.JSONDecodeError, OSError):
+        return "corrupt"
+
+
+class RunLogger:
+    """train_log.jsonl always; wandb (offline by default, never prompting) when logger=wandb."""
+
+    def __init__(self, run_dir: Path, lcfg: Any, config: dict, enabled: bool = True):
+        self.enabled = enabled
+        self.path = Path(run_dir) / "train_log.jsonl"
+        self.wandb_run = None
+        if enabled and lcfg.name == "wandb":
+            self.wandb_run = _init_wandb(Path(run_dir), lcfg, config)
+
+    def log(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(_clean(record)) + "\n")
+        if self.wandb_run is not None:
+            flat = {k: v for k, v in _flatten(record).items() if isinstance(v, (int, float)) and k != "step"}
+            self.wandb_run.log(flat, step=int(record.get("step", 0)))
+
+    def finish(self, summary: dict[str, Any] | None = None) -> None:
+        if self.wandb_run is not None:
+            if summary:
+                self.wandb_run.summary.update(_flatten(summary))
+            self.wandb_run.finish()
+            self.wandb_run = None
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "/"))
+        else:
+            out[key] = v
+    return out
+
+
+def _init_wandb(run_dir: Path, lcfg: Any, config: dict) -> Any:
+    from .errors import UserError
+
+    mode = str(lcfg.get("mode", "offline"))
+    if mode not in ("offline", "online", "disabled"):
+        raise UserError(f"logger.mode={mode!r}; allowed: ['offline', 'online', 'disabled']")
+    import wandb
+
+    if mode == "online" and not (os.environ.get("WANDB_API_KEY") or Path("~/.netrc").expanduser().exists()):
+        raise UserError("logger.mode=online needs WANDB_API_KEY (or `wandb login` beforehand); use logger.mode=offline")
+    return wandb.init(
+        project=lcfg.project,
+        entity=lcfg.get("entity"),
+        group=lcfg.get("group"),
+        tags=list(lcfg.get("tags") or []),
+        dir=str(run_dir),
+        mode=mode,
+        config=config,
+        reinit="finish_previous",
+    )

@@ -1,0 +1,197 @@
+"""GLUE: local TSVs in the original layout (`<data_dir>/glue/<TASK>/{train,dev}.tsv`), else hub `nyu-mll/glue`.
+
+The column layout of every task is in `GLUE_SPECS`; the metrics are in `metrics.py`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..data import describe_search, find_local, iter_lines
+from ..errors import UserError
+from . import metrics as M
+from .base import Split, Task, TaskData
+
+
+@dataclass(frozen=True)
+class GlueSpec:
+    dir: str  # folder name in the GLUE layout
+    text_cols: tuple[str | int, ...]  # header names, or indices for header-less files
+    label_col: str | int
+    labels: tuple[str, ...] | None  # label strings in id order; None = regression
+    header: bool = True
+    dev_files: dict[str, str] = field(default_factory=lambda: {"": "dev.tsv"})
+    hub_text: tuple[str, ...] = ("sentence",)
+    num_fields: int | None = None  # expected fields per row where fixed
+
+
+GLUE_SPECS: dict[str, GlueSpec] = {
+    # CoLA has no header: source, label, original label, sentence.
+    "cola": GlueSpec("CoLA", (3,), 1, ("0", "1"), header=False, num_fields=4),
+    "sst2": GlueSpec("SST-2", ("sentence",), "label", ("0", "1")),
+    "mrpc": GlueSpec("MRPC", ("#1 String", "#2 String"), "Quality", ("0", "1"), hub_text=("sentence1", "sentence2")),
+    "stsb": GlueSpec("STS-B", ("sentence1", "sentence2"), "score", None, hub_text=("sentence1", "sentence2")),
+    "qqp": GlueSpec("QQP", ("question1", "question2"), "is_duplicate", ("0", "1"), hub_text=("question1", "question2")),
+    "mnli": GlueSpec(
+        "MNLI",
+        ("sentence1", "sentence2"),
+        "gold_label",
+        ("entailment", "neutral", "contradiction"),
+        dev_files={"matched_": "dev_matched.tsv", "mismatched_": "dev_mismatched.tsv"},
+        hub_text=("premise", "hypothesis"),
+    ),
+    "qnli": GlueSpec(
+        "QNLI", ("question", "sentence"), "label", ("entailment", "not_entailment"), hub_text=("question", "sentence")
+    ),
+    "rte": GlueSpec(
+        "RTE",
+        ("sentence1", "sentence2"),
+        "label",
+        ("entailment", "not_entailment"),
+        hub_text=("sentence1", "sentence2"),
+    ),
+    "wnli": GlueSpec("WNLI", ("sentence1", "sentence2"), "label", ("0", "1"), hub_text=("sentence1", "sentence2")),
+}
+HUB_DEV_SPLITS = {"": "validation", "matched_": "validation_matched", "mismatched_": "validation_mismatched"}
+
+
+@dataclass
+class Example:
+    text: tuple[str, ...]
+    label: float | int
+
+
+def read_glue_tsv(path: Path, spec: GlueSpec) -> list[Example]:
+    """Parse one GLUE TSV strictly: wrong field counts and unknown labels name the file and line."""
+    rows = iter_lines(path)
+    if spec.header:
+        first = next(rows, None)
+        if first is None:
+            raise UserError(f"{path}: file is empty; expected a header line and rows")
+        header = first[1].split("\t")
+        missing = [c for c in (*spec.text_cols, spec.label_col) if c not in header]
+        if missing:
+            raise UserError(f"{path}:1: header lacks column(s) {missing}; header is {header}")
+        idx = {c: header.index(c) for c in (*spec.text_cols, spec.label_col)}
+        width = len(header)
+    else:
+        idx = {c: c for c in (*spec.text_cols, spec.label_col)}
+        width = spec.num_fields
+    label_ids = {s: i for i, s in enumerate(spec.labels)} if spec.labels else None
+    out: list[Example] = []
+    for lineno, line in rows:
+        if not line.strip():
+            continue
+        parts = line.split("\t")
+        if width is not None and len(parts) < width:
+            raise UserError(f"{path}:{lineno}: expected {width} tab-separated fields, got {len(parts)}")
+        raw = parts[idx[spec.label_col]].strip()
+        if label_ids is not None:
+            if raw not in label_ids:
+                raise UserError(f"{path}:{lineno}: label {raw!r} not in the task's label set {list(label_ids)}")
+            label: float | int = label_ids[raw]
+        else:
+            try:
+                label = float(raw)
+            except ValueError:
+                raise UserError(f"{path}:{lineno}: label {raw!r} is not a number (regression task)") from None
+        out.append(Example(tuple(parts[idx[c]] for c in spec.text_cols), label))
+    if not out:
+        raise UserError(f"{path}: no data rows")
+    return out
+
+
+def _load_local(
+    task: str, spec: GlueSpec, data_dir: str | None
+) -> tuple[list[Example], dict[str, list[Example]], str] | None:
+    root = find_local(data_dir, "glue", spec.dir)
+    if root is None:
+        return None
+    needed = ["train.tsv", *spec.dev_files.values()]
+    missing = [f for f in needed if not (root / f).exists()]
+    if missing:
+        # A partial local copy (e.g. QNLI dev only) is reported, not silently mixed with the hub.
+        raise _missing_error(task, data_dir, f"{root} lacks {missing} (has {sorted(p.name for p in root.iterdir())})")
+    train = read_glue_tsv(root / "train.tsv", spec)
+    devs = {pfx: read_glue_tsv(root / f, spec) for pfx, f in spec.dev_files.items()}
+    return train, devs, str(root)
+
+
+def _missing_error(task: str, data_dir: str | None, why: str) -> UserError:
+    return UserError(
+        f"GLUE task '{task}': no usable local data ({why}); {describe_search(data_dir, 'glue', GLUE_SPECS[task].dir)}; "
+        f"hub dataset nyu-mll/glue is the fallback when online"
+    )
+
+
+def _load_hub(task: str, spec: GlueSpec, data_dir: str | None) -> tuple[list[Example], dict[str, list[Example]], str]:
+    try:
+        import datasets
+
+        ds = datasets.load_dataset("nyu-mll/glue", task)
+    except Exception as e:  # offline, no cache, ...
+        raise _missing_error(task, data_dir, f"not found locally, and the hub failed: {type(e).__name__}") from None
+
+    def conv(split: str) -> list[Example]:
+        return [Example(tuple(r[c] for c in spec.hub_text), r["label"]) for r in ds[split]]
+
+    return conv("train"), {pfx: conv(HUB_DEV_SPLITS[pfx]) for pfx in spec.dev_files}, "hub:nyu-mll/glue"
+
+
+class GlueTask(Task):
+    """Sequence classification / regression on one GLUE task."""
+
+    kind = "seq_cls"
+
+    def __init__(self, cfg: Any):
+        super().__init__(cfg)
+        if cfg.name not in GLUE_SPECS:
+            raise UserError(f"task.name={cfg.name!r} is not a GLUE task; valid: {sorted(GLUE_SPECS)}")
+        self.spec = GLUE_SPECS[cfg.name]
+        self.metric_names = M.GLUE_METRICS[cfg.name]
+        self.num_labels = len(self.spec.labels) if self.spec.labels else 1
+
+    @property
+    def is_regression(self) -> bool:
+        return self.spec.labels is None
+
+    def load(
+        self, tokenizer: Any, data_dir: str | None, max_length: int, max_train: int | None, max_eval: int | None
+    ) -> TaskData:
+        loaded = _load_local(self.name, self.spec, data_dir) or _load_hub(self.name, self.spec, data_dir)
+        train, devs, source = loaded
+        train = train[:max_train] if max_train else train
+        devs = {k: (v[:max_eval] if max_eval else v) for k, v in devs.items()}
+
+        def encode(exs: list[Example]) -> Split:
+            enc = tokenizer(*zip(*[e.text for e in exs]), truncation=True, max_length=max_length)
+            feats = [{k: enc[k][i] for k in enc} for i in range(len(exs))]
+            dtype = torch.float32 if self.is_regression else torch.long
+            for f, e in zip(feats, exs):
+                f["labels"] = torch.tensor(e.label, dtype=dtype)
+            return Split(feats)
+
+        return TaskData(
+            train=encode(train),
+            evals={k: encode(v) for k, v in devs.items()},
+            info={"source": source, "n_train": len(train), "n_eval": {k or "dev": len(v) for k, v in devs.items()}},
+        )
+
+    @torch.no_grad()
+    def evaluate(self, model: Any, loaders: dict[str, Any], accelerator: Any) -> dict[str, float]:
+        model.eval()
+        out: dict[str, float] = {}
+        for prefix, loader in loaders.items():
+            preds, labels = [], []
+            for batch in loader:
+                logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+                p = logits.squeeze(-1).float() if self.is_regression else logits.argmax(-1)
+                p, y = accelerator.gather_for_metrics((p, batch["labels"]))
+                preds.append(p.cpu())
+                labels.append(y.cpu())
+            out.update(M.compute(self.metric_names, torch.cat(preds).numpy(), torch.cat(labels).numpy(), prefix))
+        return out
