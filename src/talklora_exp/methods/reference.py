@@ -1,0 +1,68 @@
+"""A plain per-expert-loop transcription of the upstream TalkLoRA forward (nn.Linear per expert, explicit talking
+step on permuted heads). Ground truth for the tests and the baseline in `make bench`; never used for training."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .talklora import TalkLoRALinear
+
+
+class LoopTalkLoRALinear(nn.Module):
+    """Same math as TalkLoRALinear, written the upstream way: a Python loop over experts."""
+
+    def __init__(self, src: TalkLoRALinear):
+        super().__init__()
+        self.base, self.E, self.k, self.r = src.base, src.E, src.k, src.r
+        self.router_input, self.scale, self.dropout = src.router_input, src.scale, src.dropout
+        self.top_k = src.top_k
+        self.lora_A = nn.Linear(src.d_in, src.r, bias=False)
+        self.lora_A.weight = src.lora_A
+        self.experts = nn.ModuleList()
+        for i in range(self.E):
+            m = nn.Linear(self.k, self.k, bias=False)
+            if src.lora_M is not None:
+                m.weight = nn.Parameter(src.lora_M.data[i].clone())
+            self.experts.append(m if src.lora_M is not None else nn.Identity())
+        self.B = nn.ModuleList()
+        for i in range(self.E):
+            b = nn.Linear(self.k, src.d_out, bias=False)
+            b.weight = nn.Parameter(src.B.data[:, i * self.k : (i + 1) * self.k].clone())
+            self.B.append(b)
+        self.talk = None
+        if src.lora_T is not None:
+            self.talk = nn.Linear(self.E, self.E, bias=False)
+            self.talk.weight = nn.Parameter(src.lora_T.data.clone())
+        self.route = nn.Linear(src.lora_router.shape[1], self.E, bias=False)
+        self.route.weight = nn.Parameter(src.lora_router.data.clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base(x)
+        h = self.lora_A(self.dropout(x))
+        splits = torch.chunk(h, self.E, dim=-1)
+        outs = [self.B[i](self.experts[i](splits[i])) for i in range(self.E)]
+        stack = torch.stack(outs, dim=-2)  # (..., E, d_out)
+        if self.router_input == "x":
+            logits = self.route(x)
+        else:
+            heads = h.view(*h.shape[:-1], self.E, self.k)
+            if self.talk is not None:
+                heads = self.talk(heads.transpose(-1, -2)).transpose(-1, -2)  # mix along the expert axis
+            logits = self.route(heads.reshape(h.shape))
+        if self.top_k is not None and self.top_k < self.E:
+            kth = logits.topk(self.top_k, dim=-1).values[..., -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        g = self.dropout(F.softmax(logits, dim=-1)).unsqueeze(-1)
+        return result + self.dropout((stack * g).sum(-2)) * self.scale
+
+
+def swap_to_loop(model: nn.Module) -> nn.Module:
+    """Replace every TalkLoRALinear in a model by its loop twin (weights copied; shared B becomes per layer)."""
+    for name, mod in list(model.named_modules()):
+        if isinstance(mod, TalkLoRALinear):
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, LoopTalkLoRALinear(mod))
+    return model

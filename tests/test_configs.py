@@ -1,0 +1,93 @@
+"""Every config group member composes; every method and GLUE task smoke-runs on the real MiniLM (tiny sizes)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import CONF, ROOT, compose_cfg
+from omegaconf import OmegaConf
+
+from talklora_exp.cli import check_group_overrides, group_options
+
+GROUPS = ["model", "method", "task", "budget", "trainer", "logger", "paths", "experiment"]
+TINY = ["trainer.max_steps=3", "trainer.batch_size=8", "trainer.eval_batch_size=16", "trainer.max_train_samples=24",
+        "trainer.max_eval_samples=16", "model.max_length=32", "trainer.progress=false", "trainer.log_every=1"]  # fmt: skip
+
+
+@pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in group_options(g)])
+def test_every_group_member_composes(group, option):
+    cfg = compose_cfg([f"{group}={option}"])
+    OmegaConf.resolve(cfg)
+    for key in ("seed", "trainer.max_steps", "trainer.epochs", "trainer.max_train_samples", "trainer.max_eval_samples",
+                "trainer.eval_every"):  # fmt: skip
+        assert OmegaConf.select(cfg, key, default="MISSING") != "MISSING", key
+    assert cfg.model.name and cfg.method.name and cfg.task.name and cfg.budget.name
+
+
+def test_defaults_and_hub_models_share_the_loader():
+    cfg = compose_cfg()
+    assert (cfg.model.name, cfg.task.name, cfg.method.name) == ("minilm", "sst2", "lora")
+    for m in ("roberta-base", "roberta-large", "deberta-v3-base"):
+        assert (CONF / "model" / f"{m}.yaml").exists()
+        assert not compose_cfg([f"model={m}"]).model.pretrained.startswith("pkg:")
+
+
+def test_unknown_group_choice_is_one_line():
+    assert check_group_overrides(["method=foo"]) == "unknown method 'foo'; valid: lora, moelora, talklora"
+    assert "glue/sst2" in check_group_overrides(["task=glue/nope"])
+    assert check_group_overrides(["-m", "method=lora,talklora", "task=glue/rte"]) is None
+
+
+def _cli(args, tmp_path, env_extra=None):
+    import os
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", **(env_extra or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "talklora_exp", *args], capture_output=True, text=True, cwd=ROOT, env=env, timeout=300
+    )
+
+
+def test_cli_bad_choices_exit_nonzero_with_one_line(tmp_path):
+    for args, needle in ((["method=foo"], "valid: lora, moelora, talklora"), (["model=gpt9"], "valid: deberta-v3-base"),
+                         (["task=glue/xyz"], "valid: glue/cola")):  # fmt: skip
+        r = _cli(args, tmp_path)
+        assert r.returncode == 2 and needle in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_cli_missing_data_is_clear(tmp_path):
+    r = _cli(["task=glue/rte", f"paths.data_dir={tmp_path}/none", f"hydra.run.dir={tmp_path}/run"], tmp_path,
+             {"TALKLORA_DATA_DIR": str(tmp_path / "alsonone")})  # fmt: skip
+    assert r.returncode == 2, r.stderr[-2000:]
+    line = r.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: GLUE task 'rte'") and "TALKLORA_DATA_DIR" in line and str(tmp_path / "none") in line
+    assert not (tmp_path / "run" / "metrics.json").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["lora", "moelora", "talklora"])
+def test_smoke_every_method(glue_dir, tmp_path, method):
+    from talklora_exp.run import run
+
+    cfg = compose_cfg([f"method={method}", "task=glue/sst2", f"paths.data_dir={glue_dir}", *TINY])
+    m = run(cfg, tmp_path / "run")
+    assert m["status"] == "completed" and "accuracy" in m["eval"] and m["adapter_params"] > 0
+    assert (tmp_path / "run" / "routing.json").exists() == (method != "lora")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task", ["cola", "mrpc", "stsb", "qqp", "mnli", "qnli", "rte", "wnli"])
+def test_smoke_every_glue_task(glue_dir, tmp_path, task):
+    from talklora_exp.run import run
+
+    cfg = compose_cfg(["method=talklora", f"task=glue/{task}", f"paths.data_dir={glue_dir}", *TINY])
+    m = run(cfg, tmp_path / "run")
+    expected = {"cola": {"matthews_correlation"}, "mrpc": {"accuracy", "f1"}, "qqp": {"accuracy", "f1"},
+                "stsb": {"pearson", "spearman"}, "mnli": {"matched_accuracy", "mismatched_accuracy"}}.get(task, {"accuracy"})  # fmt: skip
+    assert set(m["eval"]) == expected
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["status"] == "completed"
+
+
+def test_experiment_dir_exists():
+    assert Path(CONF / "experiment").is_dir()

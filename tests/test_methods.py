@@ -1,0 +1,215 @@
+"""TalkLoRA / MoELoRA math: hand-computed cases, special-case reductions, loop equivalence, parameter counts."""
+
+import math
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from torch import nn
+
+from talklora_exp.errors import UserError
+from talklora_exp.methods import build_method, find_target_layers
+from talklora_exp.methods.reference import swap_to_loop
+from talklora_exp.methods.talklora import TalkLoRALinear
+
+TALK = dict(name="talklora", rank=8, num_experts=4, alpha=16, dropout=0.0, scaling=False, share_b=True, talk="learned",
+            expert_mixer=True, router_input="talked", top_k=None, balance_loss=0.0)  # fmt: skip
+MOE = {**TALK, "name": "moelora", "share_b": False, "talk": "off", "expert_mixer": False, "router_input": "x"}
+
+
+class Block(nn.Module):
+    def __init__(self, d=6):
+        super().__init__()
+        self.q_proj = nn.Linear(d, d)
+        self.v_proj = nn.Linear(d, 4)
+        self.up_proj = nn.Linear(d, 10)
+
+    def forward(self, x):
+        return self.q_proj(x).sum(-1) + self.v_proj(x).sum(-1) + self.up_proj(x).sum(-1)
+
+
+class Tiny(nn.Module):
+    def __init__(self, d=6, n=3):
+        super().__init__()
+        self.layers = nn.ModuleList([Block(d) for _ in range(n)])
+        self.classifier = nn.Linear(d, 2)
+
+    def forward(self, x):
+        return sum(b(x) for b in self.layers)
+
+
+def inject(cfg: dict, model=None, targets=("q_proj", "v_proj", "up_proj")):
+    torch.manual_seed(0)
+    model = model or Tiny()
+    method = build_method(OmegaConf.create(cfg))
+    return method, method.inject(model, list(targets), ["classifier"], "seq_cls")
+
+
+def randomize(model):
+    """B is zero at init (the adapter is a no-op); give every adapter tensor values so the math is exercised."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+
+
+def test_hand_computed_single_layer():
+    """r=2, E=2, k=1: every quantity is a scalar per expert, so the output is checked by hand."""
+    base = nn.Linear(2, 1, bias=False)
+    base.weight.data = torch.tensor([[1.0, 0.0]])
+    lyr = TalkLoRALinear(base, rank=2, num_experts=2, dropout=0.0)
+    with torch.no_grad():
+        lyr.lora_A.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0]]))  # h = x
+        lyr.lora_M.copy_(torch.tensor([[[2.0]], [[3.0]]]))  # M_1=2, M_2=3
+        lyr.lora_T.copy_(torch.tensor([[0.0, 1.0], [1.0, 0.0]]))  # swap the experts
+        lyr.lora_router.copy_(torch.tensor([[1.0, 0.0], [0.0, 0.0]]))  # logit_1 = talked h_1 = h_2
+        lyr.lora_B.copy_(torch.tensor([[1.0, 1.0]]))  # B_1 = B_2 = 1
+    x = torch.tensor([[1.0, 2.0]])
+    # h=(1,2); talked=(2,1); logits=(2,0); g=softmax; y = x_1 + g1*2*1 + g2*3*2
+    g1 = math.exp(2) / (math.exp(2) + 1)
+    expected = 1.0 + g1 * 2.0 + (1 - g1) * 6.0
+    assert lyr(x).item() == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    "over",
+    [{}, {"talk": "identity"}, {"router_input": "h"}, {"expert_mixer": False}, {"share_b": False}, {"top_k": 2},
+     {"scaling": True}, {"num_experts": 2}, {"num_experts": 8}, MOE],
+)  # fmt: skip
+def test_vectorized_equals_per_expert_loop(over):
+    cfg = {**TALK, **over}
+    _, model = inject(cfg)
+    randomize(model)
+    model.eval()
+    x = torch.randn(2, 5, 6)
+    fast = model(x)
+    slow = swap_to_loop(model)(x)
+    torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
+
+
+def test_one_expert_moelora_equals_peft_lora():
+    from peft import LoraConfig, get_peft_model
+
+    _, moe = inject({**MOE, "num_experts": 1})
+    randomize(moe)
+    torch.manual_seed(0)
+    base = Tiny()
+    lora = get_peft_model(
+        base, LoraConfig(r=8, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "up_proj"])
+    )
+    with torch.no_grad():
+        for name, mod in moe.named_modules():
+            if isinstance(mod, TalkLoRALinear):
+                pl = lora.base_model.model.get_submodule(name)
+                pl.lora_A["default"].weight.copy_(mod.lora_A)
+                pl.lora_B["default"].weight.copy_(mod.B)
+    moe.eval()
+    lora.eval()
+    x = torch.randn(3, 4, 6)
+    torch.testing.assert_close(moe(x), lora(x))
+
+
+def test_talklora_with_everything_off_equals_moelora():
+    reduced = {**TALK, "talk": "off", "expert_mixer": False, "share_b": False, "router_input": "x"}
+    _, a = inject(reduced)
+    _, b = inject(MOE)
+    randomize(a)
+    b.load_state_dict(a.state_dict())
+    a.eval()
+    b.eval()
+    x = torch.randn(2, 3, 6)
+    torch.testing.assert_close(a(x), b(x))
+
+
+def test_zero_b_is_a_noop_and_shapes():
+    _, model = inject(TALK)
+    x = torch.randn(2, 5, 6)
+    lyr = model.layers[0].q_proj
+    torch.testing.assert_close(model(x), Tiny.forward(model, x))
+    assert lyr.lora_A.shape == (8, 6) and lyr.lora_M.shape == (4, 2, 2) and lyr.lora_T.shape == (4, 4)
+    assert lyr.lora_router.shape == (4, 8) and lyr.B.shape == (6, 8) and lyr.lora_B is None
+
+
+def test_b_shared_across_layers_per_projection_type():
+    _, model = inject(TALK)
+    q = [b.q_proj for b in model.layers]
+    assert all(m.B is q[0].B for m in q)
+    assert model.layers[0].v_proj.B is not q[0].B
+    assert len(model.talklora_shared_b) == 3  # q, v, up
+    # each shared tensor appears once in the state dict and gets gradient from every layer
+    randomize(model)
+    model(torch.randn(2, 6)).sum().backward()
+    assert sum("talklora_shared_b" in k for k in model.state_dict()) == 3
+    assert all(p.grad is not None for p in model.talklora_shared_b.values())
+
+
+def _layers(model):
+    return find_target_layers(model, ["q_proj", "v_proj", "up_proj"])
+
+
+@pytest.mark.parametrize(
+    "cfg", [TALK, MOE, {**TALK, "share_b": False}, {**TALK, "router_input": "x"}, {**TALK, "talk": "off"}]
+)
+def test_param_count_formula_matches_modules(cfg):
+    method, model = inject(cfg)
+    actual = sum(p.numel() for n, p in model.named_parameters() if n in set(method.adapter_param_names(model)))
+    assert method.param_count(_layers(Tiny()), cfg["rank"]) == actual
+
+
+def test_param_count_hand_computed():
+    # 3 blocks x (q: 6->6, v: 6->4, up: 6->10); r=8, E=4, k=2
+    layers = _layers(Tiny())
+    talk = build_method(OmegaConf.create(TALK)).param_count(layers, 8)
+    per_layer = 8 * 6 + 4 * 2 * 2 + 4 * 4 + 4 * 8  # A + M + T + router(E x r)
+    assert talk == 9 * per_layer + 8 * (6 + 4 + 10)  # shared B once per projection type
+    moe = build_method(OmegaConf.create(MOE)).param_count(layers, 8)
+    assert moe == 3 * ((8 * 6 + 4 * 6 + 8 * 6) + (8 * 6 + 4 * 6 + 8 * 4) + (8 * 6 + 4 * 6 + 8 * 10))
+    lora = build_method(OmegaConf.create({"name": "lora", "rank": 8, "alpha": 16, "dropout": 0.0})).param_count(
+        layers, 8
+    )
+    assert lora == 3 * 8 * ((6 + 6) + (6 + 4) + (6 + 10))
+
+
+def test_only_adapters_and_head_train():
+    method, model = inject(TALK)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert {"classifier.weight", "classifier.bias"} <= trainable
+    assert not any(n.endswith("base.weight") or n.endswith("base.bias") for n in trainable)
+
+
+def test_bad_rank_and_unknown_targets():
+    with pytest.raises(UserError, match="method.rank=6 is not divisible by method.num_experts=4"):
+        inject({**TALK, "rank": 6})
+    with pytest.raises(
+        UserError, match=r"match no linear layer; this model's linear layer names: \['classifier', 'q_proj'"
+    ):
+        inject(TALK, targets=("query",))
+    with pytest.raises(UserError, match=r"method.talk='sometimes'; allowed"):
+        inject({**TALK, "talk": "sometimes"})
+
+
+def test_balance_loss_is_switch_style():
+    lyr = TalkLoRALinear(nn.Linear(4, 4), rank=4, num_experts=2, dropout=0.0)
+    g = torch.tensor([[0.9, 0.1], [0.8, 0.2], [0.3, 0.7]])
+    # f = (2/3, 1/3), P = (2/3, 1/3) -> E * sum f*P = 2 * (4/9 + 1/9)
+    assert lyr._balance_loss(g).item() == pytest.approx(2 * 5 / 9)
+    method, model = inject({**TALK, "balance_loss": 0.1})
+    hooks = method.hooks(model)
+    randomize(model)
+    model.train()
+    model(torch.randn(2, 5, 6))
+    aux = hooks.aux_loss()
+    assert aux is not None and aux.item() >= 0.1 * 1.0 - 1e-6  # E*sum f P >= 1 with equality only when balanced
+
+
+def test_save_load_roundtrip(tmp_path):
+    method, model = inject(TALK)
+    randomize(model)
+    method.save(model, tmp_path / "adapter")
+    _, fresh = inject(TALK)
+    method.load(fresh, tmp_path / "adapter")
+    x = torch.randn(2, 6)
+    model.eval()
+    fresh.eval()
+    torch.testing.assert_close(model(x), fresh(x))

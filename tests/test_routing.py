@@ -1,0 +1,83 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from talklora_exp.routing import RoutingRecorder, aggregate, balance_stats, summarize
+
+
+def test_uniform_load():
+    s = balance_stats(np.full(4, 0.25))
+    assert s["load_entropy"] == pytest.approx(1.0) and s["cv"] == pytest.approx(0.0)
+    assert s["max_min_ratio"] == pytest.approx(1.0) and s["gini"] == pytest.approx(0.0)
+
+
+def test_collapsed_load():
+    s = balance_stats(np.array([1.0, 0.0, 0.0, 0.0]))
+    assert s["load_entropy"] == pytest.approx(0.0)
+    assert s["cv"] == pytest.approx(math.sqrt(3))  # std([1,0,0,0]) = sqrt(3)/4, mean 1/4
+    assert s["max_min_ratio"] is None  # an unused expert: infinite ratio, reported as null
+    assert s["gini"] == pytest.approx(3 / 4)  # (E-1)/E
+
+
+def test_hand_made_load():
+    P = np.array([0.5, 0.3, 0.2])
+    s = balance_stats(P)
+    H = -(0.5 * math.log(0.5) + 0.3 * math.log(0.3) + 0.2 * math.log(0.2)) / math.log(3)
+    assert s["load_entropy"] == pytest.approx(H)
+    assert s["max_min_ratio"] == pytest.approx(2.5)
+    # mean abs difference over all ordered pairs: (0.2+0.3+0.1)*2/9; gini = that / (2*mean)
+    assert s["gini"] == pytest.approx((1.2 / 9) / (2 / 3))
+
+
+def test_summarize_and_aggregate():
+    # two tokens: (1, 0) and (0.5, 0.5)
+    out = summarize(np.array([1.5, 0.5]), np.array([2, 0]), ent_sum=math.log(2), sens_sum=0.4, n=2)
+    assert out["load"] == pytest.approx([0.75, 0.25])
+    assert out["token_entropy"] == pytest.approx(0.5)  # (0 + log2) / 2 / log2
+    assert out["top1_share"] == pytest.approx(1.0) and out["sensitivity"] == pytest.approx(0.2)
+    agg = aggregate({"a": out, "b": {**out, "sensitivity": 0.4}})
+    assert agg["sensitivity"] == pytest.approx(0.3)
+
+
+class FixedRouter(nn.Module):
+    """Stand-in layer whose routing is a fixed distribution: sensitivity must be exactly 0."""
+
+    name = "fixed"
+
+    def __init__(self, g):
+        super().__init__()
+        self.g = torch.tensor(g)
+
+    def probs(self, x):
+        return self.g.expand(*x.shape[:-1], -1)
+
+
+def test_recorder_skips_padding_and_constant_router_has_zero_sensitivity():
+    lyr = FixedRouter([0.7, 0.2, 0.1])
+    rec = RoutingRecorder([lyr])
+    x = torch.randn(2, 3, 5)
+    g = lyr.probs(x).clone()
+    g[1, 2] = torch.tensor([0.0, 0.0, 1.0])  # a padding token that must not count
+    rec.set_mask(torch.tensor([[1, 1, 1], [1, 1, 0]]))
+    rec.start()
+    rec.observe(lyr, x, g)
+    out = rec.stop()["layers"]["fixed"]
+    assert out["tokens"] == 5 and out["load"] == pytest.approx([0.7, 0.2, 0.1])
+    assert out["sensitivity"] == pytest.approx(0.0)
+
+
+def test_sensitivity_of_a_real_layer_is_positive_and_scale_free():
+    from talklora_exp.methods.talklora import TalkLoRALinear
+
+    torch.manual_seed(0)
+    lyr = TalkLoRALinear(nn.Linear(16, 16), rank=8, num_experts=4, dropout=0.0)
+    lyr.name = "l"
+    rec = RoutingRecorder([lyr])
+    rec.start()
+    lyr(torch.randn(4, 7, 16))
+    out = rec.stop()
+    assert out["layers"]["l"]["sensitivity"] > 0 and out["layers"]["l"]["tokens"] == 28
+    assert not rec.active and rec.acc == {}
