@@ -1,6 +1,7 @@
 """Every config group member composes; every method and GLUE task smoke-runs on the real MiniLM (tiny sizes)."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -51,7 +52,7 @@ def _cli(args, tmp_path, env_extra=None):
 
 def test_cli_bad_choices_exit_nonzero_with_one_line(tmp_path):
     for args, needle in ((["method=foo"], "valid: lora, moelora, talklora"), (["model=gpt9"], "valid: deberta-v3-base"),
-                         (["task=glue/xyz"], "valid: glue/cola")):  # fmt: skip
+                         (["task=glue/xyz"], "glue/cola, glue/mnli")):  # fmt: skip
         r = _cli(args, tmp_path)
         assert r.returncode == 2 and needle in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
@@ -91,3 +92,37 @@ def test_smoke_every_glue_task(glue_dir, tmp_path, task):
 
 def test_experiment_dir_exists():
     assert Path(CONF / "experiment").is_dir()
+
+
+def test_unknown_override_key_is_one_line(tmp_path):
+    from talklora_exp.cli import check_override_keys
+
+    msg = check_override_keys(["trainer.bogus=1"])
+    assert msg.startswith("unknown override key 'trainer.bogus'; trainer has: batch_size") and "\n" not in msg
+    assert check_override_keys(["experiment=glue_table", "cpu_subsample.sst2=10"]) is None
+    r = _cli(["trainer.bogus=1", f"hydra.run.dir={tmp_path}/r"], tmp_path)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("over,needle", [(["trainer.batch_size=0"], "trainer.batch_size=0 must be a positive integer"),
+                                          (["trainer.max_steps=-1"], "trainer.max_steps=-1 must be positive"),
+                                          (["method=talklora", "method.rank=30"], "method.rank=30 is not divisible by method.num_experts=4"),
+                                          (["model.target_modules=[nothing]"], "match no linear layer; this model's linear layer names"),
+                                          (["method=moelora", "budget=lora_r8"], "budget lora_r8: no rank (multiple of 4)")])  # fmt: skip
+def test_bad_settings_fail_without_completed_result(glue_dir, tmp_path, over, needle):
+    from talklora_exp.errors import UserError
+    from talklora_exp.run import run
+
+    with pytest.raises(UserError, match=re.escape(needle)):
+        run(compose_cfg([f"paths.data_dir={glue_dir}", *TINY, *over]), tmp_path / "r")
+    m = tmp_path / "r" / "metrics.json"
+    assert not m.exists() or json.loads(m.read_text())["status"] != "completed"
+
+
+def test_fp16_on_cpu_is_refused():
+    from talklora_exp.errors import UserError
+    from talklora_exp.trainer import resolve_mixed_precision
+
+    with pytest.raises(UserError, match="fp16 needs a CUDA GPU"):
+        resolve_mixed_precision("fp16", cpu=True)
+    assert resolve_mixed_precision("auto", cpu=True) == "no"

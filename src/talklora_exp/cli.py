@@ -13,7 +13,7 @@ GROUPS = ("model", "method", "task", "budget", "trainer", "logger", "paths", "ex
 
 def group_options(group: str) -> list[str]:
     root = CONF_DIR / group
-    return sorted(str(p.relative_to(root).with_suffix("")) for p in root.rglob("*.yaml"))
+    return sorted(str(p.relative_to(root).with_suffix("")) for p in root.rglob("*.yaml") if not p.name.startswith("_"))
 
 
 def check_group_overrides(argv: list[str]) -> str | None:
@@ -31,8 +31,36 @@ def check_group_overrides(argv: list[str]) -> str | None:
     return None
 
 
+def check_override_keys(argv: list[str]) -> str | None:
+    """One clear line for `a.b=value` where a.b is not in the composed config (Hydra's message spans many lines)."""
+    plain = [a for a in argv if "=" in a and not a.startswith(("-", "+", "~", "hydra.", "hydra/"))]
+    keys = [a.split("=", 1)[0] for a in plain if a.split("=", 1)[0] not in GROUPS + ("eval",)]
+    if not keys:
+        return None
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+
+    groups = [f"{k}={v.split(',')[0]}" for k, _, v in (a.partition("=") for a in plain) if k in GROUPS + ("eval",)]
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=groups)
+    GlobalHydra.instance().clear()
+    for k in keys:
+        if OmegaConf.select(cfg, k, default="__missing__", throw_on_missing=False) == "__missing__":
+            parent, _, leaf = k.rpartition(".")
+            node = OmegaConf.select(cfg, parent) if parent else cfg
+            have = sorted(node.keys()) if OmegaConf.is_dict(node) else []
+            return (
+                f"unknown override key {k!r}"
+                + (f"; {parent or 'the root'} has: {', '.join(map(str, have))}" if have else "")
+                + f" (use +{k}=... to add a new key)"
+            )
+    return None
+
+
 def main() -> None:
-    err = check_group_overrides(sys.argv[1:])
+    err = check_group_overrides(sys.argv[1:]) or check_override_keys(sys.argv[1:])
     if err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
@@ -52,6 +80,12 @@ def main() -> None:
         except UserError as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
+        except KeyboardInterrupt as e:
+            print(f"interrupted: {e or 'KeyboardInterrupt'}", file=sys.stderr)
+            sys.exit(130)
+        except FloatingPointError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(3)
         if metrics is None:
             return None
         return metrics["eval"].get(metrics["main_metric"])  # for Hydra sweepers (e.g. Optuna)

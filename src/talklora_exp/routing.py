@@ -72,6 +72,10 @@ class RoutingRecorder:
             return self.mask.bool()
         return None
 
+    def mismatched(self, shape: torch.Size) -> bool:
+        """A mask is set but does not fit (e.g. one-token decode steps after a prompt): skip, don't guess."""
+        return self.mask is not None and tuple(self.mask.shape) != tuple(shape)
+
     def start(self) -> None:
         self.active, self.acc, self._gen = True, {}, None
 
@@ -89,6 +93,8 @@ class RoutingRecorder:
     @torch.no_grad()
     def observe(self, layer: Any, x: torch.Tensor, g: torch.Tensor) -> None:
         E = g.shape[-1]
+        if self.mismatched(g.shape[:-1]):
+            return
         m = self.token_mask(g.shape[:-1])
         xf, gf = x.reshape(-1, x.shape[-1]), g.reshape(-1, E).float()
         if m is not None:

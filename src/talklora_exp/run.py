@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,8 @@ from accelerate.utils import set_seed
 from omegaconf import DictConfig, OmegaConf
 
 from . import budget as budget_mod
+from . import checkpoint as ckpt
+from .errors import UserError
 from .methods import build_method, find_target_layers
 from .models import load_model, load_tokenizer
 from .rundir import RunLogger, atomic_write_json, read_status
@@ -38,16 +41,23 @@ def count_params(model: torch.nn.Module, adapter_names: set[str]) -> dict[str, i
 def build(cfg: DictConfig, accelerator: Accelerator | None = None) -> dict[str, Any]:
     """Task, tokenizer, model with adapters injected (rank from the budget), method and data."""
     task = build_task(cfg.task)
-    tok = load_tokenizer(cfg.model)
+    kind = "causal" if task.kind == "causal" else "encoder"
+    if cfg.model.kind != kind:
+        raise UserError(
+            f"task {cfg.task.family}/{task.name} needs a model of kind {kind!r}, but model={cfg.model.name} is {cfg.model.kind!r}; "
+            f"e.g. model={'smollm2-135m' if kind == 'causal' else 'minilm'}"
+        )
+    tok = load_tokenizer(cfg.model, cfg.paths.cache_dir)
     set_seed(int(cfg.seed))
-    model = load_model(cfg.model, task)
+    model = load_model(cfg.model, task, cfg.paths.cache_dir, tok)
     method = build_method(cfg.method)
     targets = list(cfg.model.target_modules)
     layers = find_target_layers(model, targets)
     res = budget_mod.solve(method, layers, cfg.budget, int(cfg.method.rank), int(cfg.method.get("num_experts", 1) or 1))
     with _unlocked(cfg):
         cfg.method.rank = res.rank
-    model = method.inject(model, targets, list(cfg.model.get("head_modules", ["classifier"])), task.kind)
+    model = method.inject(model, targets, list(cfg.model.get("head_modules") or []), task.kind)
+    task.tokenizer, task.gen = tok, cfg.get("eval")
     return {"task": task, "tokenizer": tok, "model": model, "method": method, "budget": res, "layers": layers}
 
 
@@ -77,10 +87,21 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
     mp = resolve_mixed_precision(str(tcfg.mixed_precision), bool(tcfg.cpu))
     acc = Accelerator(mixed_precision=mp, gradient_accumulation_steps=int(tcfg.grad_accum), cpu=bool(tcfg.cpu))
     main = acc.is_main_process
+    if tcfg.get("deterministic"):
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    ckpt_root = run_dir / "checkpoints"
+    resume_state = None
+    if tcfg.get("resume") not in (None, "auto"):
+        raise UserError(f"trainer.resume={tcfg.resume!r}; allowed: null, auto")
+    if tcfg.get("resume") == "auto":
+        resume_state = ckpt.load_latest(ckpt_root)
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        for stale in ("metrics.json", "train_log.jsonl", "routing.json"):
+        for stale in ("metrics.json", "routing.json", "predictions.jsonl"):
             (run_dir / stale).unlink(missing_ok=True)  # only reached for unfinished runs or overwrite=true
+        _truncate_log(run_dir / "train_log.jsonl", resume_state["loop"]["step"] if resume_state else 0)
+        if resume_state is None:
+            shutil.rmtree(ckpt_root, ignore_errors=True)
     b = build(cfg, acc)
     task, tok, model, method, bres = b["task"], b["tokenizer"], b["model"], b["method"], b["budget"]
     resolved = OmegaConf.to_container(cfg, resolve=True)
@@ -109,8 +130,12 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
     }
     t_start = time.time()
     try:
-        trainer = Trainer(tcfg, acc, model, task, data, task.collator(tok), method.hooks(model), logger, int(cfg.seed))
-        result = trainer.fit()
+        trainer = Trainer(
+            tcfg, acc, model, task, data, task.collator(tok), method.hooks(model), logger, int(cfg.seed), ckpt_root
+        )
+        if resume_state is not None:
+            log.info("resuming from %s/latest (step %d)", ckpt_root, resume_state["loop"]["step"])
+        result = trainer.fit(resume_state)
     except BaseException as e:
         if main:
             status = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
@@ -121,6 +146,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
     metrics = {
         "status": "completed",
         **base,
+        "resumed_from_step": resume_state["loop"]["step"] if resume_state else None,
         "eval": result.best_eval,
         "final_eval": result.final_eval,
         "main_metric": task.main_metric,
@@ -130,15 +156,33 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
         "train_samples_per_s": round(result.train_samples / max(result.train_runtime_s, 1e-9), 3),
         "wall_time_s": round(time.time() - t_start, 3),
         "mixed_precision": mp,
+        "eval_counts": getattr(task, "last_eval_counts", None),
         "num_processes": acc.num_processes,
     }
     if main:
         method.save(acc.unwrap_model(model), run_dir / "adapter")
+        if result.best_predictions:
+            with open(run_dir / "predictions.jsonl", "w") as f:
+                for row in result.best_predictions:
+                    f.write(json.dumps(row, ensure_ascii=False) + "\n")
         if result.best_routing is not None:
             atomic_write_json(run_dir / "routing.json", {"step": result.best_step, **result.best_routing})
         atomic_write_json(run_dir / "metrics.json", metrics)  # last: its presence with "completed" means done
     logger.finish({"eval": result.best_eval})
     return metrics
+
+
+def _truncate_log(path: Path, keep_until: int) -> None:
+    """Fresh runs start an empty log; resumed runs keep the records up to the checkpoint's step."""
+    if not path.exists():
+        return
+    if keep_until <= 0:
+        path.unlink()
+        return
+    keep = [
+        line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= keep_until
+    ]
+    path.write_text("".join(line + "\n" for line in keep))
 
 
 def reevaluate(run_dir: Path) -> dict[str, float]:
@@ -162,7 +206,8 @@ def reevaluate(run_dir: Path) -> dict[str, float]:
         k: acc.prepare(DataLoader(v, batch_size=int(tcfg.eval_batch_size), shuffle=False, collate_fn=collate))
         for k, v in data.evals.items()
     }
-    return b["task"].evaluate(model, loaders, acc)
+    hooks = b["method"].hooks(model)
+    return b["task"].evaluate(model, loaders, acc, on_batch=hooks.set_batch)
 
 
 def main_eval() -> None:

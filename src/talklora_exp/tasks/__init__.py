@@ -6,9 +6,10 @@ from typing import Any
 
 from ..errors import UserError
 from .base import Task
+from .generation import CommonsenseTask, Gsm8kTask
 from .glue import GlueTask
 
-TASK_FAMILIES: dict[str, type[Task]] = {"glue": GlueTask}
+TASK_FAMILIES: dict[str, type[Task]] = {"glue": GlueTask, "commonsense": CommonsenseTask, "gsm8k": Gsm8kTask}
 
 
 def build_task(cfg: Any) -> Task:

@@ -54,5 +54,7 @@ class Task:
     ) -> TaskData:
         raise NotImplementedError
 
-    def evaluate(self, model: Any, loaders: dict[str, Any], accelerator: Any) -> dict[str, float]:
+    def evaluate(self, model: Any, loaders: dict[str, Any], accelerator: Any, on_batch: Any = None) -> dict[str, float]:
+        """Metrics over every eval split; `on_batch(batch)` runs before each forward (routing statistics use it to
+        see the padding mask). Tasks may leave per-example rows in `self.last_predictions`."""
         raise NotImplementedError

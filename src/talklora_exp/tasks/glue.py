@@ -182,16 +182,21 @@ class GlueTask(Task):
         )
 
     @torch.no_grad()
-    def evaluate(self, model: Any, loaders: dict[str, Any], accelerator: Any) -> dict[str, float]:
+    def evaluate(self, model: Any, loaders: dict[str, Any], accelerator: Any, on_batch: Any = None) -> dict[str, float]:
         model.eval()
         out: dict[str, float] = {}
+        self.last_eval_counts: dict[str, int] = {}
         for prefix, loader in loaders.items():
             preds, labels = [], []
             for batch in loader:
+                if on_batch is not None:
+                    on_batch(batch)
                 logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
                 p = logits.squeeze(-1).float() if self.is_regression else logits.argmax(-1)
                 p, y = accelerator.gather_for_metrics((p, batch["labels"]))
                 preds.append(p.cpu())
                 labels.append(y.cpu())
-            out.update(M.compute(self.metric_names, torch.cat(preds).numpy(), torch.cat(labels).numpy(), prefix))
+            p_all, y_all = torch.cat(preds).numpy(), torch.cat(labels).numpy()
+            self.last_eval_counts[prefix or "dev"] = len(y_all)  # gathered across processes, duplicates dropped
+            out.update(M.compute(self.metric_names, p_all, y_all, prefix))
         return out

@@ -1,0 +1,1 @@
+"""Aggregate run directories into paper tables and figures (`make tables`)."""

@@ -1,0 +1,54 @@
+"""`python -m talklora_exp.analysis [dirs...]` / `make tables`: run dirs -> results/tables and results/figures."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .collect import collect
+from .plots import all_plots
+from .tables import GLUE_LABEL, GLUE_ORDER, failed_table, routing_table, score_table
+
+CS_ORDER = ["boolq", "piqa", "social_i_qa", "hellaswag", "winogrande", "ARC-Easy", "ARC-Challenge", "openbookqa"]
+CS_LABEL = {"boolq": "BoolQ", "piqa": "PIQA", "social_i_qa": "SIQA", "hellaswag": "HellaS.", "winogrande": "WinoG.",
+            "ARC-Easy": "ARC-e", "ARC-Challenge": "ARC-c", "openbookqa": "OBQA"}  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m talklora_exp.analysis", description=__doc__)
+    ap.add_argument("dirs", nargs="*", type=Path, default=[Path("results")], help="run dirs or folders holding them")
+    ap.add_argument("--out", type=Path, default=Path("results"), help="writes <out>/tables and <out>/figures")
+    ap.add_argument("--no-plots", action="store_true")
+    args = ap.parse_args(argv)
+    missing = [str(d) for d in args.dirs if not d.exists()]
+    if missing:
+        print(f"error: run dir(s) not found: {', '.join(missing)}", file=sys.stderr)
+        return 2
+    runs, bad = collect(args.dirs)
+    tables_dir, fig_dir = args.out / "tables", args.out / "figures"
+    written = []
+    for family, order, labels, title, stem in (
+        ("glue", GLUE_ORDER, GLUE_LABEL, "GLUE dev results", "glue"),
+        ("commonsense", CS_ORDER, CS_LABEL, "Commonsense reasoning accuracy", "commonsense"),
+    ):
+        res = score_table(runs, family, order, labels, title)
+        if res:
+            res[0].write(tables_dir, stem)
+            res[1].write(tables_dir, f"{stem}_significance")
+            written += [stem, f"{stem}_significance"]
+    rt = routing_table(runs)
+    if rt:
+        rt.write(tables_dir, "routing")
+        written.append("routing")
+    tables_dir.mkdir(parents=True, exist_ok=True)
+    (tables_dir / "left_out.md").write_text(failed_table(bad, args.out))
+    figs = [] if args.no_plots else all_plots(runs, fig_dir)
+    print(
+        f"{len(runs)} completed runs, {len(bad)} left out -> {tables_dir}/{{{','.join(written)}}}.{{md,tex,csv}}, {len(figs)} figure files"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

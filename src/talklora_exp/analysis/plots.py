@@ -1,0 +1,162 @@
+"""Figures (PNG + PDF): expert-load heatmaps, routing balance over training, sensitivity by layer, score vs params."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from .collect import Run
+from .tables import GLUE_LABEL, GLUE_ORDER, METHOD_LABEL, METHOD_ORDER, _order, by_seed
+
+COLORS = {"lora": "#4C72B0", "moelora": "#DD8452", "talklora": "#55A868"}
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plt.rcParams.update({"figure.dpi": 110, "font.size": 9, "svg.hashsalt": "talklora"})
+    return plt
+
+
+def _save(fig, out: Path, stem: str) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / f"{stem}.png", out / f"{stem}.pdf"]
+    fig.savefig(paths[0], bbox_inches="tight", metadata={"Software": None})
+    fig.savefig(paths[1], bbox_inches="tight", metadata={"CreationDate": None, "Producer": None, "Creator": None})
+    fig.clf()
+    return paths
+
+
+def _layer_loads(runs: list[Run]) -> np.ndarray:
+    """Mean over seeds of the per-layer expert load: layers x experts."""
+    mats = [np.array([v["load"] for v in r.routing["layers"].values()]) for r in runs]
+    return np.mean(mats, axis=0)
+
+
+def expert_load_heatmap(runs: list[Run], out: Path) -> list[Path]:
+    g = by_seed([r for r in runs if r.routing])
+    tasks = _order({k[1] for k in g}, GLUE_ORDER)
+    methods = [m for m in ("moelora", "talklora") if any(k[2] == m for k in g)]
+    if not tasks or not methods:
+        return []
+    plt = _plt()
+    fig, axes = plt.subplots(len(tasks), len(methods), figsize=(3.2 * len(methods), 2.2 * len(tasks)), squeeze=False)
+    for i, t in enumerate(tasks):
+        for j, m in enumerate(methods):
+            ax = axes[i][j]
+            keys = [k for k in g if k[1] == t and k[2] == m]
+            if not keys:
+                ax.axis("off")
+                continue
+            loads = _layer_loads(list(g[keys[0]].values()))
+            im = ax.imshow(loads, aspect="auto", cmap="viridis", vmin=0, vmax=max(0.5, float(loads.max())))
+            ax.set_title(f"{GLUE_LABEL.get(t, t)} · {METHOD_LABEL[m]}")
+            ax.set_xlabel("expert")
+            ax.set_ylabel("adapted layer")
+            ax.set_xticks(range(loads.shape[1]))
+            fig.colorbar(im, ax=ax, fraction=0.046, label="mean load")
+    fig.tight_layout()
+    return _save(fig, out, "expert_load_heatmap")
+
+
+def routing_over_training(runs: list[Run], out: Path) -> list[Path]:
+    """Load entropy and CV over training steps (train-time snapshots and evals), mean over seeds per method."""
+    series: dict[tuple[str, str, str], dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for r in runs:
+        for rec in r.log:
+            agg = rec.get("routing_train") or rec.get("routing")
+            if agg:
+                for stat in ("load_entropy", "cv"):
+                    if agg.get(stat) is not None:
+                        series[(r.metrics["task"], r.metrics["method"], stat)][int(rec["step"])].append(agg[stat])
+    if not series:
+        return []
+    tasks = _order({k[0] for k in series}, GLUE_ORDER)
+    plt = _plt()
+    fig, axes = plt.subplots(2, len(tasks), figsize=(3.0 * len(tasks), 4.4), squeeze=False)
+    for j, t in enumerate(tasks):
+        for i, (stat, label) in enumerate((("load_entropy", "load entropy H(P)/log E"), ("cv", "load CV"))):
+            ax = axes[i][j]
+            for m in METHOD_ORDER:
+                s = series.get((t, m, stat))
+                if s:
+                    steps = sorted(s)
+                    ax.plot(steps, [np.mean(s[x]) for x in steps], label=METHOD_LABEL[m], color=COLORS[m], lw=1.2)
+            ax.set_title(GLUE_LABEL.get(t, t)) if i == 0 else None
+            ax.set_xlabel("step") if i == 1 else None
+            ax.set_ylabel(label) if j == 0 else None
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    return _save(fig, out, "routing_over_training")
+
+
+def sensitivity_by_layer(runs: list[Run], out: Path) -> list[Path]:
+    per: dict[str, list[list[float]]] = defaultdict(list)
+    for r in runs:
+        if r.routing:
+            per[r.metrics["method"]].append([v["sensitivity"] for v in r.routing["layers"].values()])
+    if not per:
+        return []
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(4.8, 3.0))
+    for m in _order(per, METHOD_ORDER):
+        width = min(len(v) for v in per[m])
+        arr = np.array([v[:width] for v in per[m]])
+        ax.errorbar(
+            range(width),
+            arr.mean(0),
+            yerr=arr.std(0),
+            label=METHOD_LABEL.get(m, m),
+            color=COLORS.get(m),
+            capsize=2,
+            lw=1.2,
+        )
+    ax.set_xlabel("adapted layer (model order)")
+    ax.set_ylabel("routing sensitivity")
+    ax.set_title("Routing sensitivity by layer (mean ± std over runs)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return _save(fig, out, "sensitivity_by_layer")
+
+
+def score_vs_params(runs: list[Run], out: Path) -> list[Path]:
+    g = by_seed(runs)
+    tasks = _order({k[1] for k in g}, GLUE_ORDER)
+    if not tasks:
+        return []
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(tasks), figsize=(3.0 * len(tasks), 2.8), squeeze=False)
+    for j, t in enumerate(tasks):
+        ax = axes[0][j]
+        for m in METHOD_ORDER:
+            pts = sorted(
+                (
+                    np.mean([r.metrics["adapter_params"] for r in v.values()]),
+                    100 * np.mean([r.main_value for r in v.values()]),
+                )
+                for k, v in g.items()
+                if k[1] == t and k[2] == m
+            )
+            if pts:
+                xs, ys = zip(*pts)
+                ax.plot(xs, ys, "o-", label=METHOD_LABEL[m], color=COLORS[m], ms=4, lw=1.2)
+        ax.set_xscale("log")
+        ax.set_title(GLUE_LABEL.get(t, t))
+        ax.set_xlabel("adapter parameters")
+        ax.set_ylabel("main metric x100") if j == 0 else None
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    return _save(fig, out, "score_vs_params")
+
+
+def all_plots(runs: list[Run], out: Path) -> list[Path]:
+    return [
+        p
+        for fn in (expert_load_heatmap, routing_over_training, sensitivity_by_layer, score_vs_params)
+        for p in fn(runs, out)
+    ]

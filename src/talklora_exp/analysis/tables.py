@@ -1,0 +1,227 @@
+"""Paper tables (Markdown, LaTeX booktabs, CSV): GLUE / commonsense scores, routing balance, significance."""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+from scipy import stats
+
+from .collect import Run
+
+METHOD_ORDER = ["lora", "moelora", "talklora"]
+METHOD_LABEL = {"lora": "LoRA", "moelora": "MoELoRA", "talklora": "TalkLoRA"}
+GLUE_ORDER = ["cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "rte", "wnli"]
+GLUE_LABEL = {"cola": "CoLA", "sst2": "SST-2", "mrpc": "MRPC", "stsb": "STS-B", "qqp": "QQP", "mnli": "MNLI", "qnli": "QNLI", "rte": "RTE", "wnli": "WNLI"}  # fmt: skip
+ROUTING_COLS = [
+    ("load_entropy", "Load entropy"),
+    ("cv", "CV"),
+    ("max_min_ratio", "Max/min"),
+    ("gini", "Gini"),
+    ("sensitivity", "Sensitivity"),
+]
+ALPHA = 0.05
+
+
+def _order(items, order):
+    return sorted(items, key=lambda x: (order.index(x) if x in order else len(order), x))
+
+
+class Table:
+    """Header + rows of cells; cells may carry **bold** marks, rendered per format."""
+
+    def __init__(self, title: str, header: list[str], rows: list[list[str]], note: str = ""):
+        self.title, self.header, self.rows, self.note = title, header, rows, note
+
+    def markdown(self) -> str:
+        out = [
+            f"### {self.title}",
+            "",
+            "| " + " | ".join(self.header) + " |",
+            "|" + "|".join("---" for _ in self.header) + "|",
+        ]
+        out += ["| " + " | ".join(r) + " |" for r in self.rows]
+        return "\n".join(out + ([""] + [self.note] if self.note else []) + [""])
+
+    def latex(self) -> str:
+        def tex(c: str) -> str:
+            c = (
+                c.replace("±", r"$\pm$")
+                .replace("%", r"\%")
+                .replace("_", r"\_")
+                .replace("†", r"$^\dagger$")
+                .replace("‡", r"$^\ddagger$")
+            )
+            if c.startswith("**") and "**" in c[2:]:
+                end = c.index("**", 2)
+                c = r"\textbf{" + c[2:end] + "}" + c[end + 2 :]
+            return c
+
+        cols = "l" + "r" * (len(self.header) - 1)
+        out = [
+            r"\begin{tabular}{" + cols + "}",
+            r"\toprule",
+            " & ".join(tex(h) for h in self.header) + r" \\",
+            r"\midrule",
+        ]
+        out += [" & ".join(tex(c) for c in r) + r" \\" for r in self.rows]
+        out += [r"\bottomrule", r"\end{tabular}"]
+        return f"% {self.title}\n" + "\n".join(out) + "\n"
+
+    def csv(self) -> str:
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow(self.header)
+        for r in self.rows:
+            w.writerow([c.replace("**", "") for c in r])
+        return buf.getvalue()
+
+    def write(self, out_dir: Path, stem: str) -> None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / f"{stem}.md").write_text(self.markdown())
+        (out_dir / f"{stem}.tex").write_text(self.latex())
+        (out_dir / f"{stem}.csv").write_text(self.csv())
+
+
+def by_seed(runs: list[Run]) -> dict[tuple, dict[int, Run]]:
+    """(family, task, method, budget, model) -> {seed: run}; a duplicate seed keeps the first dir in sorted order."""
+    g: dict[tuple, dict[int, Run]] = defaultdict(dict)
+    for r in sorted(runs, key=lambda r: str(r.dir)):
+        g[r.key].setdefault(int(r.metrics["seed"]), r)
+    return g
+
+
+def paired_test(a: dict[int, float], b: dict[int, float]) -> tuple[float, float | None, int]:
+    """Mean difference a-b over shared seeds and the paired t-test p-value (None with < 2 pairs or zero variance)."""
+    seeds = sorted(set(a) & set(b))
+    d = np.array([a[s] - b[s] for s in seeds], dtype=float)
+    if len(d) < 2:
+        return (float(d.mean()) if len(d) else float("nan")), None, len(d)
+    if np.allclose(d, d[0]):
+        return float(d.mean()), (0.0 if d[0] != 0 else 1.0), len(d)
+    return float(d.mean()), float(stats.ttest_rel([a[s] for s in seeds], [b[s] for s in seeds]).pvalue), len(d)
+
+
+def _fmt(vals: list[float], scale: float = 100.0) -> str:
+    v = np.array(vals, dtype=float) * scale
+    return f"{v.mean():.2f} ± {v.std(ddof=1):.2f}" if len(v) > 1 else f"{v.mean():.2f}"
+
+
+def score_table(
+    runs: list[Run], family: str, order: list[str], labels: dict[str, str], title: str
+) -> tuple[Table, Table] | None:
+    """Rows = methods (adapter params), columns = tasks + average, mean ± std over seeds (x100), best in bold,
+    TalkLoRA marked † / ‡ where a paired t-test over seeds beats LoRA / MoELoRA at p < 0.05."""
+    groups = {k: v for k, v in by_seed(runs).items() if k[0] == family}
+    if not groups:
+        return None
+    settings = sorted({(k[3], k[4]) for k in groups})
+    rows, sig_rows = [], []
+    for budget, model in settings:
+        tasks = _order({k[1] for k in groups if k[3:] == (budget, model)}, order)
+        methods = _order({k[2] for k in groups if k[3:] == (budget, model)}, METHOD_ORDER)
+        vals = {(m, t): {s: r.main_value for s, r in groups.get((family, t, m, budget, model), {}).items() if r.main_value is not None}
+                for m in methods for t in tasks}  # fmt: skip
+        means = {mt: np.mean(list(v.values())) for mt, v in vals.items() if v}
+        best = {t: max((means[(m, t)] for m in methods if (m, t) in means), default=None) for t in tasks}
+        avg = {}
+        for m in methods:  # per-seed average over tasks, for seeds that have every task
+            seeds = set.intersection(*(set(vals[(m, t)]) for t in tasks)) if tasks else set()
+            avg[m] = {s: float(np.mean([vals[(m, t)][s] for t in tasks])) for s in seeds}
+        best_avg = max((np.mean(list(a.values())) for a in avg.values() if a), default=None)
+        for m in methods:
+            params = sorted(
+                {
+                    r.metrics.get("adapter_params")
+                    for t in tasks
+                    for r in groups.get((family, t, m, budget, model), {}).values()
+                }
+            )
+            p = "/".join(f"{x / 1e3:.1f}K" for x in params if x is not None)
+            cells = [f"{METHOD_LABEL.get(m, m)}", p]
+            for t in tasks + ["__avg"]:
+                v = avg[m] if t == "__avg" else vals[(m, t)]
+                if not v:
+                    cells.append("–")
+                    continue
+                c = _fmt(list(v.values()))
+                mean = np.mean(list(v.values()))
+                top = best_avg if t == "__avg" else best[t]
+                if top is not None and math.isclose(mean, top):
+                    c = f"**{c}**"
+                if m == "talklora":
+                    for base, mark in (("lora", "†"), ("moelora", "‡")):
+                        ref = avg.get(base) if t == "__avg" else vals.get((base, t))
+                        if ref:
+                            diff, pval, n = paired_test(v, ref)
+                            if pval is not None and pval < ALPHA and diff > 0:
+                                c += mark
+                cells.append(c)
+            rows.append(cells)
+        for t in tasks + ["__avg"]:
+            for base in ("lora", "moelora"):
+                a = avg.get("talklora") if t == "__avg" else vals.get(("talklora", t))
+                b = avg.get(base) if t == "__avg" else vals.get((base, t))
+                if a and b:
+                    diff, pval, n = paired_test(a, b)
+                    sig_rows.append([model, budget, "Avg" if t == "__avg" else labels.get(t, t), f"TalkLoRA − {METHOD_LABEL[base]}",
+                                     f"{100 * diff:+.2f}", "–" if pval is None else f"{pval:.3f}", str(n)])  # fmt: skip
+        if len(settings) > 1:
+            rows.append([f"_{model}, budget {budget}_"] + [""] * (len(tasks) + 2))
+    task_cols = _order({k[1] for k in groups}, order)
+    header = ["Method", "Adapter params"] + [labels.get(t, t) for t in task_cols] + ["Avg"]
+    note = (f"Main metric per task x100, mean ± std over seeds ({', '.join(f'{s[1]}/{s[0]}' for s in settings)}). "
+            "Bold: best mean. †/‡: TalkLoRA better than LoRA/MoELoRA, paired t-test over seeds, p < 0.05.")  # fmt: skip
+    sig = Table(
+        f"{title}: significance (paired over seeds)",
+        ["Model", "Budget", "Task", "Comparison", "Δ (x100)", "p (paired t)", "seeds"],
+        sig_rows,
+    )
+    return Table(title, header, rows, note), sig
+
+
+def routing_table(runs: list[Run]) -> Table | None:
+    """Routing balance per method and task at the reported (best) step: mean over seeds and layers."""
+    groups = by_seed([r for r in runs if r.routing])
+    if not groups:
+        return None
+    rows = []
+    for key in sorted(
+        groups,
+        key=lambda k: (
+            k[4],
+            k[3],
+            _order([k[1]], GLUE_ORDER)[0],
+            METHOD_ORDER.index(k[2]) if k[2] in METHOD_ORDER else 9,
+        ),
+    ):
+        fam, task, method, budget, model = key
+        cells = [GLUE_LABEL.get(task, task), METHOD_LABEL.get(method, method), str(len(groups[key]))]
+        for col, _ in ROUTING_COLS:
+            v = [
+                r.routing["aggregate"][col] for r in groups[key].values() if r.routing["aggregate"].get(col) is not None
+            ]
+            cells.append(f"{np.mean(v):.3f}" if v else "–")
+        rows.append(cells)
+    note = ("Load entropy = H(mean load)/log E (1 = balanced); CV = std/mean of the mean load; Max/min load ratio; Gini of the load; "
+            "Sensitivity = (|Δg|/|g|)/(|Δx|/|x|) under a 1% Gaussian input perturbation. Means over adapted layers and seeds, "
+            "non-padding dev tokens.")  # fmt: skip
+    return Table("Routing balance", ["Task", "Method", "Seeds"] + [c[1] for c in ROUTING_COLS], rows, note)
+
+
+def failed_table(bad: list[tuple[Path, str]], root: Path) -> str:
+    lines = ["### Runs left out (not completed)", ""]
+    if not bad:
+        return "\n".join(lines + ["None: every run found is completed.", ""])
+    lines += ["| run dir | reason |", "|---|---|"]
+    for d, why in sorted(bad):
+        try:
+            d = d.relative_to(root)
+        except ValueError:
+            pass
+        lines.append(f"| {d} | {why.replace('|', '/')[:200]} |")
+    return "\n".join(lines + [""])

@@ -1,0 +1,279 @@
+"""Generation tasks on causal LMs: Alpaca-style prompts (LLM-Adapters), response-only loss, batched generation.
+
+`CommonsenseTask` (LLM-Adapters JSON: instruction / input / output / answer) and `Gsm8kTask` (question / answer with
+`#### <number>`) share prompting, label masking, collation and the generation loop; they differ in data files and in
+answer extraction (`extract_commonsense`, `extract_last_number`).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..data import describe_search, find_local, iter_lines
+from ..errors import UserError
+from .base import Split, Task, TaskData
+
+IGNORE = -100
+
+# LLM-Adapters' answer vocabularies (commonsense_evaluate.py): the first match in the generated text wins.
+ANSWER_PATTERNS: dict[str, str] = {
+    "boolq": r"true|false",
+    "piqa": r"solution1|solution2",
+    "social_i_qa": r"answer1|answer2|answer3|answer4|answer5",
+    "ARC-Challenge": r"answer1|answer2|answer3|answer4|answer5",
+    "ARC-Easy": r"answer1|answer2|answer3|answer4|answer5",
+    "openbookqa": r"answer1|answer2|answer3|answer4|answer5",
+    "hellaswag": r"ending1|ending2|ending3|ending4",
+    "winogrande": r"option1|option2",
+}
+COMMONSENSE_TASKS = list(ANSWER_PATTERNS)
+TRAIN_170K = "commonsense_170k.json"
+
+
+def extract_commonsense(task: str, text: str, case_sensitive: bool = True) -> str:
+    """First valid option word in the generation, as upstream (case-sensitive substring match by default)."""
+    found = re.findall(ANSWER_PATTERNS[task], text.strip() if case_sensitive else text.strip().lower())
+    return found[0] if found else ""
+
+
+_NUM = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
+
+
+def _norm_number(s: str) -> str:
+    s = s.replace(",", "").rstrip(".")
+    try:
+        v = float(s)
+    except ValueError:
+        return ""
+    return str(int(v)) if v == int(v) else repr(v)
+
+
+def extract_last_number(text: str) -> str:
+    """GSM8K prediction: the last number in the text, commas removed, 12.0 -> 12."""
+    found = _NUM.findall(text)
+    return _norm_number(found[-1]) if found else ""
+
+
+def gsm8k_gold(answer: str) -> str:
+    if "####" not in answer:
+        raise ValueError("no '####' in answer")
+    return _norm_number(answer.split("####")[-1].strip())
+
+
+def render_prompt(templates: Any, instruction: str, inp: str) -> str:
+    return (templates.with_input if inp else templates.no_input).format(instruction=instruction, input=inp)
+
+
+def read_json_records(path: Path, required: tuple[str, ...]) -> list[dict]:
+    """A JSON list (LLM-Adapters) or JSON-lines file (GSM8K); missing fields name the file and record."""
+    text = path.read_bytes()
+    try:
+        text = text.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not valid UTF-8 at byte {e.start}; files must be UTF-8") from None
+    if not text.strip():
+        raise UserError(f"{path}: file is empty")
+    if text.lstrip().startswith("["):
+        try:
+            recs = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
+        where = [f"record {i}" for i in range(len(recs))]
+    else:
+        recs, where = [], []
+        for lineno, line in iter_lines(path):
+            if not line.strip():
+                continue
+            try:
+                recs.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}:{lineno}: malformed JSON line ({e.msg})") from None
+            where.append(f"line {lineno}")
+    for rec, w in zip(recs, where):
+        if not isinstance(rec, dict) or any(k not in rec for k in required):
+            raise UserError(f"{path} {w}: needs fields {list(required)}")
+    if not recs:
+        raise UserError(f"{path}: no records")
+    return recs
+
+
+class GenerationTask(Task):
+    kind = "causal"
+
+    def __init__(self, cfg: Any):
+        super().__init__(cfg)
+        self.templates = cfg.prompt
+        self.train_on_prompt = bool(cfg.get("train_on_prompt", False))
+        self.gen = None  # set by run.py from cfg.eval
+        self.last_predictions: list[dict] = []
+
+    # -- data -----------------------------------------------------------------------------------------------------
+    def records(self, data_dir: str | None) -> tuple[list[dict], dict[str, list[dict]], dict[str, Any]]:
+        """(train records, {eval prefix: records}, info); records have instruction, input, output, answer, id."""
+        raise NotImplementedError
+
+    def encode_train(self, tokenizer: Any, rec: dict, max_length: int) -> dict:
+        """prompt + response + EOS; labels are -100 on exactly the prompt tokens (unless train_on_prompt)."""
+        prompt = render_prompt(self.templates, rec["instruction"], rec.get("input", ""))
+        p_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+        r_ids = tokenizer(rec["output"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        ids = (p_ids + r_ids)[:max_length]
+        labels = list(ids) if self.train_on_prompt else ([IGNORE] * len(p_ids) + r_ids)[:max_length]
+        return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
+
+    def load(
+        self, tokenizer: Any, data_dir: str | None, max_length: int, max_train: int | None, max_eval: int | None
+    ) -> TaskData:
+        train, evals, info = self.records(data_dir)
+        train = train[:max_train] if max_train else train
+        evals = {k: (v[:max_eval] if max_eval else v) for k, v in evals.items()}
+        feats = [self.encode_train(tokenizer, r, max_length) for r in train]
+        eval_splits = {k: Split([{**r, "prompt": render_prompt(self.templates, r["instruction"], r.get("input", ""))} for r in v])
+                       for k, v in evals.items()}  # fmt: skip
+        info = {**info, "n_train": len(train), "n_eval": {k or "test": len(v) for k, v in evals.items()}}
+        return TaskData(train=Split(feats), evals=eval_splits, info=info)
+
+    def collator(self, tokenizer: Any) -> Any:
+        pad = tokenizer.pad_token_id
+
+        def collate(batch: list[dict]) -> dict:
+            if "labels" not in batch[0]:  # eval records pass through untouched; generation tokenizes prompts itself
+                return {"records": batch}
+            n = max(len(b["input_ids"]) for b in batch)
+            out = {
+                "input_ids": torch.tensor([b["input_ids"] + [pad] * (n - len(b["input_ids"])) for b in batch]),
+                "attention_mask": torch.tensor(
+                    [b["attention_mask"] + [0] * (n - len(b["attention_mask"])) for b in batch]
+                ),
+                "labels": torch.tensor([b["labels"] + [IGNORE] * (n - len(b["labels"])) for b in batch]),
+            }
+            return out
+
+        return collate
+
+    # -- evaluation -----------------------------------------------------------------------------------------------
+    def extract(self, prefix: str, text: str) -> str:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def evaluate(self, model: Any, loaders: dict[str, Any], accelerator: Any, on_batch: Any = None) -> dict[str, float]:
+        """Greedy (or preset) batched generation with left padding; accuracy per eval set; predictions kept."""
+        tok = self.tokenizer
+        gen_model = accelerator.unwrap_model(model)
+        gen_model.eval()
+        g = self.gen
+        kw = dict(max_new_tokens=int(g.max_new_tokens), num_beams=int(g.num_beams), do_sample=bool(g.do_sample),
+                  pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)  # fmt: skip
+        if g.do_sample or int(g.num_beams) > 1:
+            kw.update(temperature=float(g.temperature), top_p=float(g.top_p), top_k=int(g.top_k))
+        metrics: dict[str, float] = {}
+        preds_all: list[dict] = []
+        old_side = tok.padding_side
+        tok.padding_side = "left"
+        try:
+            for prefix, loader in loaders.items():
+                rows: list[dict] = []
+                for batch in loader:
+                    recs = batch["records"]
+                    enc = tok([r["prompt"] for r in recs], return_tensors="pt", padding=True).to(accelerator.device)
+                    if on_batch is not None:
+                        on_batch({"attention_mask": enc["attention_mask"]})
+                    out = gen_model.generate(**enc, **kw)
+                    texts = tok.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+                    for r, t in zip(recs, texts):
+                        pred = self.extract(prefix, t)
+                        rows.append({"id": r["id"], "task": r.get("task", self.name), "prompt": r["prompt"], "generated": t,
+                                     "extracted": pred, "gold": r["answer"], "correct": pred == r["answer"]})  # fmt: skip
+                rows = accelerator.gather_for_metrics(rows, use_gather_object=True)
+                name = f"{prefix}accuracy"
+                metrics[name] = sum(r["correct"] for r in rows) / max(len(rows), 1)
+                preds_all += rows
+        finally:
+            tok.padding_side = old_side
+        if len(loaders) > 1:  # commonsense/all: the paper's average over tasks
+            metrics["accuracy"] = sum(metrics.values()) / len(metrics)
+        self.last_predictions = preds_all
+        return metrics
+
+
+class CommonsenseTask(GenerationTask):
+    """LLM-Adapters commonsense sets; task.name is one of COMMONSENSE_TASKS or 'all'."""
+
+    def __init__(self, cfg: Any):
+        super().__init__(cfg)
+        self.eval_tasks = COMMONSENSE_TASKS if cfg.name == "all" else [cfg.name]
+        if cfg.name != "all" and cfg.name not in ANSWER_PATTERNS:
+            raise UserError(f"task.name={cfg.name!r}; valid commonsense tasks: {COMMONSENSE_TASKS + ['all']}")
+        self.case_sensitive = bool(cfg.get("case_sensitive_extraction", True))
+
+    def extract(self, prefix: str, text: str) -> str:
+        task = prefix.rstrip("/") if prefix else self.name
+        return extract_commonsense(task, text, self.case_sensitive)
+
+    def records(self, data_dir: str | None):
+        req = ("instruction", "output", "answer")
+        full = find_local(data_dir, "commonsense", TRAIN_170K)
+        if full is not None:
+            train = read_json_records(full, req)
+            source = str(full)
+        else:
+            files = [
+                p for t in COMMONSENSE_TASKS if (p := find_local(data_dir, "commonsense", t, "train.json")) is not None
+            ]
+            if not files:
+                raise UserError(
+                    f"commonsense: no training data ({TRAIN_170K} or <task>/train.json); {describe_search(data_dir, 'commonsense')}"
+                )
+            train = [r for p in files for r in read_json_records(p, req)]
+            source = "per-task train files: " + ", ".join(p.parent.name for p in files)
+        evals = {}
+        for t in self.eval_tasks:
+            p = find_local(data_dir, "commonsense", t, "test.json")
+            if p is None:
+                raise UserError(f"commonsense/{t}: test.json not found; {describe_search(data_dir, 'commonsense', t)}")
+            recs = read_json_records(p, req)
+            evals[f"{t}/" if self.name == "all" else ""] = [
+                {**r, "id": f"{t}-{i}", "task": t} for i, r in enumerate(recs)
+            ]
+        return train, evals, {"source": source, "train_source": source}
+
+
+class Gsm8kTask(GenerationTask):
+    """GSM8K: train on the worked solutions, score exact match of the last generated number vs the number after ####."""
+
+    def extract(self, prefix: str, text: str) -> str:
+        return extract_last_number(text)
+
+    def records(self, data_dir: str | None):
+        out = {}
+        for split in ("train", "test"):
+            p = find_local(data_dir, "gsm8k", f"{split}.jsonl")
+            if p is None:
+                raise UserError(f"gsm8k: {split}.jsonl not found; {describe_search(data_dir, 'gsm8k')}")
+            recs = read_json_records(p, ("question", "answer"))
+            rows = []
+            for i, r in enumerate(recs):
+                try:
+                    gold = gsm8k_gold(r["answer"])
+                except ValueError:
+                    raise UserError(f"{p} record {i + 1}: answer has no '#### <number>' line") from None
+                rows.append(
+                    {
+                        "id": f"gsm8k-{split}-{i}",
+                        "instruction": r["question"],
+                        "input": "",
+                        "output": r["answer"],
+                        "answer": gold,
+                    }
+                )
+            out[split] = rows
+        return (
+            out["train"],
+            {"": out["test"]},
+            {"source": str(find_local(data_dir, "gsm8k")), "train_source": "gsm8k/train.jsonl"},
+        )

@@ -1,0 +1,177 @@
+"""Generation tasks: label masks, answer extraction on tricky strings, data readers, end to end on SmolLM2."""
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import compose_cfg
+
+from talklora_exp.errors import UserError
+from talklora_exp.tasks import build_task
+from talklora_exp.tasks.generation import (
+    COMMONSENSE_TASKS,
+    IGNORE,
+    extract_commonsense,
+    extract_last_number,
+    gsm8k_gold,
+    read_json_records,
+    render_prompt,
+)
+
+
+class CharTok:
+    """A character-level stand-in tokenizer: exact, so masks can be checked position by position."""
+
+    eos_token_id = 0
+    pad_token_id = 0
+
+    def __call__(self, text, add_special_tokens=True):
+        return {"input_ids": ([1] if add_special_tokens else []) + [ord(c) for c in text]}
+
+
+def _task(name="commonsense/boolq", **over):
+    cfg = compose_cfg([f"task={name}", "model=smollm2-135m"] + [f"task.{k}={v}" for k, v in over.items()])
+    return build_task(cfg.task)
+
+
+def test_label_mask_covers_exactly_the_prompt():
+    task = _task()
+    rec = {"instruction": "Is the sky blue?", "input": "", "output": "the correct answer is true"}
+    f = task.encode_train(CharTok(), rec, max_length=10_000)
+    prompt = render_prompt(task.templates, rec["instruction"], "")
+    n_prompt = 1 + len(prompt)  # BOS + characters
+    assert f["labels"][:n_prompt] == [IGNORE] * n_prompt
+    assert f["labels"][n_prompt:] == [ord(c) for c in rec["output"]] + [0]
+    assert f["input_ids"][n_prompt:] == f["labels"][n_prompt:]
+    assert prompt.endswith("### Response:\n") and "### Instruction:\nIs the sky blue?" in prompt
+    full = _task(train_on_prompt=True).encode_train(CharTok(), rec, 10_000)
+    assert full["labels"] == full["input_ids"]
+    cut = task.encode_train(CharTok(), rec, max_length=20)
+    assert len(cut["input_ids"]) == len(cut["labels"]) == 20 and set(cut["labels"]) == {IGNORE}
+
+
+def test_input_field_uses_the_with_input_template():
+    task = _task()
+    p = render_prompt(task.templates, "Pick one", "A or B")
+    assert "### Input:\nA or B\n\n### Response:\n" in p and "paired with an input" in p
+
+
+@pytest.mark.parametrize(
+    "task,text,expected",
+    [
+        ("boolq", "the correct answer is false, not true", "false"),
+        ("boolq", "The correct answer is True", ""),  # upstream is case-sensitive
+        ("boolq", "it is untrue", "true"),  # upstream matches substrings
+        ("piqa", "solution2 is better than solution1", "solution2"),
+        ("social_i_qa", "the correct answer is answer3.", "answer3"),
+        ("ARC-Challenge", "answer5", "answer5"),
+        ("ARC-Easy", "I think answer12", "answer1"),  # substring, as upstream
+        ("openbookqa", "no idea", ""),
+        ("hellaswag", "ending4 fits; ending1 does not", "ending4"),
+        ("winogrande", "the correct answer is option2", "option2"),
+    ],
+)
+def test_extraction_tricky_strings(task, text, expected):
+    assert extract_commonsense(task, text) == expected
+
+
+def test_extraction_case_insensitive_flag():
+    assert extract_commonsense("boolq", "The correct answer is True", case_sensitive=False) == "true"
+    assert set(COMMONSENSE_TASKS) == {
+        "boolq",
+        "piqa",
+        "social_i_qa",
+        "hellaswag",
+        "winogrande",
+        "ARC-Easy",
+        "ARC-Challenge",
+        "openbookqa",
+    }
+
+
+@pytest.mark.parametrize(
+    "text,expected",
+    [("so the answer is 1,234.", "1234"), ("-3 apples then 12.50", "12.5"), ("#### 72", "72"), ("x = 4.0", "4"), ("none", ""),
+     ("costs $18 and 3 more = 21 dollars", "21")],
+)  # fmt: skip
+def test_gsm8k_last_number(text, expected):
+    assert extract_last_number(text) == expected
+
+
+def test_gsm8k_gold():
+    assert gsm8k_gold("Natalia sold 48/2 = <<48/2=24>>24 clips.\n#### 72") == "72"
+    assert gsm8k_gold("#### 1,000") == "1000"
+    with pytest.raises(ValueError):
+        gsm8k_gold("no marker")
+
+
+def test_json_readers_errors(tmp_path: Path):
+    p = tmp_path / "t.json"
+    p.write_text('[{"instruction": "a", "output": "b"}]')
+    with pytest.raises(UserError, match=r"t\.json record 0: needs fields \['instruction', 'output', 'answer'\]"):
+        read_json_records(p, ("instruction", "output", "answer"))
+    q = tmp_path / "t.jsonl"
+    q.write_text('{"question": "q", "answer": "#### 1"}\n{"question": \n')
+    with pytest.raises(UserError, match=r"t\.jsonl:2: malformed JSON line"):
+        read_json_records(q, ("question", "answer"))
+
+
+def make_cs_dir(root: Path) -> Path:
+    d = root / "commonsense"
+    rows = [{"instruction": f"Q{i}: is {i} even? Answer format: true/false", "input": "", "output": f"the correct answer is {'true' if i % 2 == 0 else 'false'}",
+             "answer": "true" if i % 2 == 0 else "false"} for i in range(12)]  # fmt: skip
+    for t in ("boolq",):
+        (d / t).mkdir(parents=True)
+        (d / t / "train.json").write_text(json.dumps(rows))
+        (d / t / "test.json").write_text(json.dumps(rows[:6]))
+    g = root / "gsm8k"
+    g.mkdir()
+    lines = [
+        json.dumps(
+            {"question": f"What is {i} + {i}?", "answer": f"{i} + {i} = <<{i}+{i}={2 * i}>>{2 * i}\n#### {2 * i}"}
+        )
+        for i in range(12)
+    ]
+    (g / "train.jsonl").write_text("\n".join(lines) + "\n")
+    (g / "test.jsonl").write_text("\n".join(lines[:6]) + "\n")
+    return root
+
+
+def test_commonsense_training_source_is_reported(tmp_path: Path):
+    root = make_cs_dir(tmp_path)
+    task = _task()
+    train, evals, info = task.records(str(root))
+    assert len(train) == 12 and info["train_source"] == "per-task train files: boolq"
+    (root / "commonsense" / "commonsense_170k.json").write_text(
+        json.dumps(json.loads((root / "commonsense/boolq/train.json").read_text())[:3])
+    )
+    train, _, info = task.records(str(root))
+    assert len(train) == 3 and info["train_source"].endswith("commonsense_170k.json")
+
+
+def test_model_kind_mismatch_is_clear(tmp_path: Path):
+    from talklora_exp.run import build
+
+    with pytest.raises(
+        UserError, match=r"needs a model of kind 'causal', but model=minilm is 'encoder'; e.g. model=smollm2-135m"
+    ):
+        build(compose_cfg(["task=commonsense/boolq", "model=minilm"]))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task,method", [("commonsense/boolq", "talklora"), ("gsm8k", "lora")])
+def test_smollm2_end_to_end(tmp_path: Path, task: str, method: str):
+    from talklora_exp.run import run
+
+    root = make_cs_dir(tmp_path / "data")
+    cfg = compose_cfg([f"method={method}", "model=smollm2-135m", f"task={task}", f"paths.data_dir={root}", "trainer.max_steps=2",
+                       "trainer.batch_size=2", "trainer.grad_accum=1", "trainer.max_eval_samples=4", "eval.max_new_tokens=8",
+                       "model.max_length=64", "trainer.progress=false", "trainer.log_every=1"])  # fmt: skip
+    m = run(cfg, tmp_path / "run")
+    assert m["status"] == "completed" and "accuracy" in m["eval"] and m["data"]["train_source"]
+    preds = [json.loads(x) for x in (tmp_path / "run" / "predictions.jsonl").read_text().splitlines()]
+    assert len(preds) == 4
+    assert set(preds[0]) == {"id", "task", "prompt", "generated", "extracted", "gold", "correct"}
+    assert m["eval"]["accuracy"] == sum(p["correct"] for p in preds) / 4
+    if method == "talklora":  # B shared across layers per projection type on a LLaMA model
+        assert m["adapter_params"] > 0 and (tmp_path / "run" / "routing.json").exists()

@@ -1,0 +1,133 @@
+"""Resume after a crash, SIGTERM, NaN stop, determinism, wandb offline, two processes."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT, compose_cfg
+from safetensors.torch import load_file
+
+from talklora_exp import checkpoint as ckpt
+from talklora_exp.run import run
+
+pytestmark = pytest.mark.slow
+
+BASE = ["method=talklora", "task=glue/sst2", "trainer.batch_size=8", "trainer.max_steps=12", "trainer.eval_every=6",
+        "trainer.checkpoint_every=4", "trainer.log_every=2", "model.max_length=32", "trainer.progress=false", "trainer.lr=2e-3"]  # fmt: skip
+
+
+def _cfg(glue_dir, *extra):
+    return compose_cfg([*BASE, f"paths.data_dir={glue_dir}", *extra])
+
+
+def _adapter(run_dir: Path) -> dict:
+    return load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
+
+
+def test_resume_after_crash_matches_uninterrupted(glue_dir, tmp_path, monkeypatch):
+    ref = run(_cfg(glue_dir), tmp_path / "ref")
+
+    real_save = ckpt.save
+
+    def crash_after_first_checkpoint(*a, **k):  # like SIGKILL right after checkpoint step 8 is on disk
+        out = real_save(*a, **k)
+        if a[1] == 8:
+            raise SystemExit("killed")
+        return out
+
+    monkeypatch.setattr(ckpt, "save", crash_after_first_checkpoint)
+    with pytest.raises(SystemExit):
+        run(_cfg(glue_dir), tmp_path / "crash")
+    monkeypatch.setattr(ckpt, "save", real_save)
+    assert json.loads((tmp_path / "crash" / "metrics.json").read_text())["status"] == "failed"
+    assert json.loads((tmp_path / "crash" / "checkpoints" / "latest.json").read_text())["step"] == 8
+    resumed = run(_cfg(glue_dir, "trainer.resume=auto"), tmp_path / "crash")
+    assert resumed["status"] == "completed" and resumed["resumed_from_step"] == 8
+    assert resumed["eval"] == ref["eval"] and resumed["best_step"] == ref["best_step"]
+    a, b = _adapter(tmp_path / "ref"), _adapter(tmp_path / "crash")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    steps = [json.loads(x)["step"] for x in (tmp_path / "crash" / "train_log.jsonl").read_text().splitlines()]
+    ref_steps = [json.loads(x)["step"] for x in (tmp_path / "ref" / "train_log.jsonl").read_text().splitlines()]
+    assert steps == ref_steps  # the log has each step once, as if never interrupted
+
+
+def test_same_seed_same_metrics(glue_dir, tmp_path):
+    a = run(_cfg(glue_dir, "trainer.checkpoint_every=null"), tmp_path / "a")
+    b = run(_cfg(glue_dir, "trainer.checkpoint_every=null"), tmp_path / "b")
+    assert a["eval"] == b["eval"]
+    ta, tb = _adapter(tmp_path / "a"), _adapter(tmp_path / "b")
+    assert all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
+def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(glue_dir, tmp_path, monkeypatch):
+    import torch.nn.functional as F
+
+    real = F.cross_entropy
+    calls = {"n": 0}
+
+    def poisoned(*a, **k):
+        calls["n"] += 1
+        out = real(*a, **k)
+        return out * float("nan") if calls["n"] >= 6 else out
+
+    monkeypatch.setattr(F, "cross_entropy", poisoned)
+    with pytest.raises(FloatingPointError, match=r"non-finite training loss at step 6"):
+        run(_cfg(glue_dir, "trainer.log_every=1"), tmp_path / "nan")
+    m = json.loads((tmp_path / "nan" / "metrics.json").read_text())
+    assert m["status"] == "failed" and "step 6" in m["error"]
+    state = ckpt.load_latest(tmp_path / "nan" / "checkpoints")
+    assert state["loop"]["step"] == 4 and all(torch.isfinite(t).all() for t in state["trainable"])
+
+
+def _env(glue_dir):
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "TALKLORA_DATA_DIR": str(glue_dir), "OMP_NUM_THREADS": "1"}
+
+
+def test_sigterm_checkpoints_and_marks_interrupted(glue_dir, tmp_path):
+    run_dir = tmp_path / "sig"
+    args = [sys.executable, "-m", "talklora_exp", *BASE[:2], "trainer.batch_size=8", "trainer.max_steps=100000", "trainer.checkpoint_every=3",
+            "model.max_length=32", "trainer.progress=false", f"hydra.run.dir={run_dir}"]  # fmt: skip
+    p = subprocess.Popen(args, cwd=ROOT, env=_env(glue_dir), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while not (run_dir / "checkpoints" / "latest.json").exists():
+        assert p.poll() is None and time.time() < deadline, p.stderr.read() if p.poll() is not None else "timeout"
+        time.sleep(0.2)
+    p.send_signal(signal.SIGTERM)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 130, err[-2000:]
+    assert "interrupted: SIGTERM at step" in err
+    m = json.loads((run_dir / "metrics.json").read_text())
+    assert m["status"] == "interrupted"
+    assert ckpt.load_latest(run_dir / "checkpoints")["loop"]["step"] >= 3
+
+
+def test_wandb_offline_writes_run_files(glue_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    m = run(_cfg(glue_dir, "logger=wandb", "trainer.checkpoint_every=null", "trainer.max_steps=4"), tmp_path / "wb")
+    assert m["status"] == "completed"
+    runs = list((tmp_path / "wb" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and any(runs[0].glob("*.wandb"))
+
+
+def test_two_processes_match_one_with_same_global_batch(glue_dir, tmp_path):
+    """torchrun --nproc_per_node 2 (gloo, CPU), 4 per process vs 1 process x 8; eval gathered without duplicates."""
+    common = ["method=lora", "task=glue/sst2", "trainer.max_steps=16", "trainer.eval_every=16", "model.max_length=32",
+              "trainer.progress=false", "trainer.lr=2e-3", "trainer.max_eval_samples=15", "trainer.cpu=true", "method.dropout=0.0"]  # fmt: skip
+    one = subprocess.run([sys.executable, "-m", "talklora_exp", *common, "trainer.batch_size=8", f"hydra.run.dir={tmp_path}/one"],
+                         cwd=ROOT, env=_env(glue_dir), capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "talklora_exp", *common,
+                          "trainer.batch_size=4", f"hydra.run.dir={tmp_path}/two"],
+                         cwd=ROOT, env=_env(glue_dir), capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert two.returncode == 0, two.stderr[-3000:]
+    m1 = json.loads((tmp_path / "one" / "metrics.json").read_text())
+    m2 = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    assert m2["num_processes"] == 2 and m2["eval_counts"] == m1["eval_counts"] == {"dev": 15}
+    assert m2["train_samples_per_s"] > 0 and abs(m1["eval"]["accuracy"] - m2["eval"]["accuracy"]) <= 0.15
