@@ -74,18 +74,21 @@ def main() -> None:
     def _main(cfg: DictConfig) -> float | None:
         from .run import run
 
+        from hydra.types import RunMode
+
         logging.getLogger("talklora_exp").setLevel(logging.INFO)
+        hc = HydraConfig.get()
         try:
-            metrics = run(cfg, Path(HydraConfig.get().runtime.output_dir))
-        except UserError as e:
+            metrics = run(cfg, Path(hc.runtime.output_dir))
+        except (UserError, FloatingPointError) as e:
             print(f"error: {e}", file=sys.stderr)
-            sys.exit(2)
+            if hc.mode == RunMode.MULTIRUN:  # keep sweeping; the run dir says "failed" and the tables list it
+                return None
+            sys.exit(2 if isinstance(e, UserError) else 3)
         except KeyboardInterrupt as e:
             print(f"interrupted: {e or 'KeyboardInterrupt'}", file=sys.stderr)
             sys.exit(130)
-        except FloatingPointError as e:
-            print(f"error: {e}", file=sys.stderr)
-            sys.exit(3)
+
         if metrics is None:
             return None
         return metrics["eval"].get(metrics["main_metric"])  # for Hydra sweepers (e.g. Optuna)

@@ -102,7 +102,12 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
         _truncate_log(run_dir / "train_log.jsonl", resume_state["loop"]["step"] if resume_state else 0)
         if resume_state is None:
             shutil.rmtree(ckpt_root, ignore_errors=True)
-    b = build(cfg, acc)
+    try:
+        b = build(cfg, acc)
+    except UserError as e:
+        if main:  # nothing claims completion; sweeps and tables see why this run has no result
+            atomic_write_json(run_dir / "metrics.json", {"status": "failed", "error": f"UserError: {e}"})
+        raise
     task, tok, model, method, bres = b["task"], b["tokenizer"], b["model"], b["method"], b["budget"]
     resolved = OmegaConf.to_container(cfg, resolve=True)
     if main:

@@ -37,8 +37,8 @@ def collect(dirs: list[Path]) -> tuple[list[Run], list[tuple[Path, str]]]:
     bad: list[tuple[Path, str]] = []
     seen: set[Path] = set()
     for root in dirs:
-        for cfg in sorted(Path(root).rglob("config.yaml")):
-            d = cfg.parent
+        for marker in sorted([*Path(root).rglob("config.yaml"), *Path(root).rglob("metrics.json")]):
+            d = marker.parent
             if d in seen or d.name == ".hydra":
                 continue
             seen.add(d)
