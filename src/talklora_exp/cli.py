@@ -72,9 +72,9 @@ def main() -> None:
 
     @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
     def _main(cfg: DictConfig) -> float | None:
-        from .run import run
-
         from hydra.types import RunMode
+
+        from .run import run
 
         logging.getLogger("talklora_exp").setLevel(logging.INFO)
         hc = HydraConfig.get()
