@@ -59,6 +59,17 @@ def check_override_keys(argv: list[str]) -> str | None:
     return None
 
 
+def _spread_over_gpus(hc) -> None:
+    """Local parallel sweeps (joblib) on a multi-GPU box: job i uses GPU i mod n. Distributed launches set their own."""
+    if "LOCAL_RANK" in os.environ or hc.mode.name != "MULTIRUN":
+        return
+    import torch
+
+    n = torch.cuda.device_count()
+    if n > 1:
+        torch.cuda.set_device(int(hc.job.num) % n)
+
+
 def main() -> None:
     err = check_group_overrides(sys.argv[1:]) or check_override_keys(sys.argv[1:])
     if err:
@@ -78,6 +89,7 @@ def main() -> None:
 
         logging.getLogger("talklora_exp").setLevel(logging.INFO)
         hc = HydraConfig.get()
+        _spread_over_gpus(hc)
         try:
             metrics = run(cfg, Path(hc.runtime.output_dir))
         except (UserError, FloatingPointError) as e:
