@@ -11,11 +11,12 @@ Per adapted linear W0 (d_in -> d_out), rank r, E experts, k = r / E:
 B_1..B_E are shared across layers per projection type (share_b). MoELoRA is the same layer with talk=off,
 expert_mixer=false, share_b=false, router_input=x.
 
-Speed: no Python loop over experts. A is one matmul, all M_i one batched einsum, and the gate is applied to the
-chunks before the concatenated B (d_out x r), so all experts' up-projections are one matmul too:
-    sum_i g_i B_i z_i = [B_1 .. B_E] . concat_i(g_i z_i).
-The talking module is folded into the router weight (R_eff = R (T kron I_k)), an E x r matrix built once per forward
-from the weights, so talking costs no activation-sized work.
+Speed: no Python loop over experts, and the same two activation-sized matmuls as LoRA. The gate g_i is a scalar per
+expert, so it commutes with M_i: sum_i g_i B_i (M_i h_i) = [B_1 M_1 .. B_E M_E] . concat_i(g_i h_i). The products B_i M_i
+are formed on the weights each step (d_out x r x k, tiny next to tokens x d x r), then one matmul does every expert's
+mixer and up-projection. The talking module is folded into the router weight the same way (R_eff = R (T kron I_k),
+E x r), so talking costs no activation-sized work either. `reference.py` keeps the literal per-expert loop; the tests
+check both agree for every flag.
 """
 
 from __future__ import annotations
@@ -122,6 +123,13 @@ class TalkLoRALinear(nn.Module):
             return R
         return torch.einsum("ojm,je->oem", R.view(self.E, self.E, self.k), self.lora_T).reshape(self.E, self.r)
 
+    def up_weight(self) -> torch.Tensor:
+        """[B_1 M_1 .. B_E M_E] (d_out x r). The gate is a scalar per expert, so g_i B_i (M_i h_i) = (B_i M_i)(g_i h_i):
+        folding M into B costs d_out*r*k per step on weights instead of an extra pass over the activations."""
+        if self.lora_M is None:
+            return self.B
+        return torch.einsum("oej,ejm->oem", self.B.view(self.d_out, self.E, self.k), self.lora_M).reshape(self.d_out, self.r)
+
     def gate(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         """Routing probabilities (before gate dropout)."""
         logits = F.linear(x if self.router_input == "x" else h, self.router_weight())
@@ -145,10 +153,8 @@ class TalkLoRALinear(nn.Module):
         if self.balance_weight > 0 and self.training:
             self.last_aux = self._balance_loss(g)
         g = self.dropout(g)
-        z = h.unflatten(-1, (self.E, self.k))  # (..., E, k): the unmixed chunks
-        if self.lora_M is not None:
-            z = torch.einsum("...ek,ejk->...ej", z, self.lora_M)  # all M_i h_i at once
-        y = F.linear((z * g.unsqueeze(-1)).flatten(-2), self.B)  # sum_i g_i B_i z_i in one matmul
+        gh = (h.unflatten(-1, (self.E, self.k)) * g.unsqueeze(-1)).flatten(-2)  # g_i h_i for every expert
+        y = F.linear(gh, self.up_weight())  # sum_i B_i M_i (g_i h_i) = sum_i g_i y_i, one matmul
         y = self.dropout(y)
         if self.scale != 1.0:
             y = y * self.scale
