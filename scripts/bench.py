@@ -244,7 +244,7 @@ def main() -> None:
         "device": str(device),
         "threads": torch.get_num_threads(),
         "batch": [args.batch, args.seq],
-        "steps": args.steps,
+        "adapter_steps": args.steps,
         "torch": torch.__version__,
     }
     args.out.mkdir(parents=True, exist_ok=True)
