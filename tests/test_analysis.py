@@ -102,3 +102,15 @@ def test_every_experiment_preset_dry_runs(preset):
     assert len(rows) == len(jobs)
     if not hub:
         assert all(r["rank"] > 0 and r["adapter_params"] > 0 for r in rows)
+
+
+def test_commonsense_all_run_expands_into_task_columns(tmp_path: Path):
+    d = tmp_path / "r" / "all"
+    d.mkdir(parents=True)
+    ev = {"boolq/accuracy": 0.6, "piqa/accuracy": 0.5, "accuracy": 0.55}
+    m = {"status": "completed", "task": "all", "task_family": "commonsense", "method": "talklora", "model": "smollm2-135m", "seed": 1,
+         "budget": {"name": "none"}, "adapter_params": 10, "eval": ev, "main_metric": "accuracy"}  # fmt: skip
+    (d / "metrics.json").write_text(json.dumps(m))
+    analysis_main([str(tmp_path / "r"), "--out", str(tmp_path / "o"), "--no-plots"])
+    md = (tmp_path / "o" / "tables" / "commonsense.md").read_text()
+    assert "| Method | Adapter params | BoolQ | PIQA | Avg |" in md and "| **60.00** | **50.00** | **55.00** |" in md

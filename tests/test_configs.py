@@ -106,6 +106,7 @@ def test_unknown_override_key_is_one_line(tmp_path):
 
 @pytest.mark.parametrize("over,needle", [(["trainer.batch_size=0"], "trainer.batch_size=0 must be a positive integer"),
                                           (["trainer.max_steps=-1"], "trainer.max_steps=-1 must be positive"),
+                                          (["model.max_length=0"], "model.max_length=0 must be a positive integer"),
                                           (["method=talklora", "method.rank=30"], "method.rank=30 is not divisible by method.num_experts=4"),
                                           (["model.target_modules=[nothing]"], "match no linear layer; this model's linear layer names"),
                                           (["method=moelora", "budget=lora_r8"], "budget lora_r8: no rank (multiple of 4)")])  # fmt: skip

@@ -40,6 +40,9 @@ def count_params(model: torch.nn.Module, adapter_names: set[str]) -> dict[str, i
 
 def build(cfg: DictConfig, accelerator: Accelerator | None = None) -> dict[str, Any]:
     """Task, tokenizer, model with adapters injected (rank from the budget), method and data."""
+    for key, val in (("model.max_length", cfg.model.max_length), ("eval.max_new_tokens", cfg.eval.max_new_tokens)):
+        if int(val) <= 0:
+            raise UserError(f"{key}={val} must be a positive integer")
     task = build_task(cfg.task)
     kind = "causal" if task.kind == "causal" else "encoder"
     if cfg.model.kind != kind:

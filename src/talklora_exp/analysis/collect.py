@@ -64,4 +64,24 @@ def collect(dirs: list[Path]) -> tuple[list[Run], list[tuple[Path, str]]]:
                     [json.loads(x) for x in lp.read_text().splitlines() if x.strip()] if lp.exists() else [],
                 )
             )
-    return done, bad
+    return expand_multi_task(done), bad
+
+
+def expand_multi_task(runs: list[Run]) -> list[Run]:
+    """A `commonsense/all` run reports `<task>/accuracy` per eval set: one virtual run per task for the tables."""
+    out: list[Run] = []
+    for r in runs:
+        per = {k.split("/")[0]: v for k, v in r.metrics.get("eval", {}).items() if k.endswith("/accuracy")}
+        if r.metrics.get("task") != "all" or not per:
+            out.append(r)
+            continue
+        for t, v in sorted(per.items()):
+            out.append(
+                Run(
+                    r.dir / t,
+                    {**r.metrics, "task": t, "eval": {"accuracy": v}, "main_metric": "accuracy"},
+                    r.routing,
+                    r.log,
+                )
+            )
+    return out

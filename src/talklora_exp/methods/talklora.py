@@ -128,7 +128,9 @@ class TalkLoRALinear(nn.Module):
         folding M into B costs d_out*r*k per step on weights instead of an extra pass over the activations."""
         if self.lora_M is None:
             return self.B
-        return torch.einsum("oej,ejm->oem", self.B.view(self.d_out, self.E, self.k), self.lora_M).reshape(self.d_out, self.r)
+        return torch.einsum("oej,ejm->oem", self.B.view(self.d_out, self.E, self.k), self.lora_M).reshape(
+            self.d_out, self.r
+        )
 
     def gate(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         """Routing probabilities (before gate dropout)."""
