@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 from pathlib import Path
 
@@ -38,6 +39,12 @@ def _layer_loads(runs: list[Run]) -> np.ndarray:
     return np.mean(mats, axis=0)
 
 
+def _short(path: str) -> str:
+    """'bert.encoder.layer.3.attention.self.query' -> '3.query'."""
+    m = re.search(r"\.(\d+)\..*?([A-Za-z_]\w*)$", path)
+    return f"{m.group(1)}.{m.group(2)}" if m else path
+
+
 def expert_load_heatmap(runs: list[Run], out: Path) -> list[Path]:
     g = by_seed([r for r in runs if r.routing])
     tasks = _order({k[1] for k in g}, GLUE_ORDER)
@@ -53,12 +60,15 @@ def expert_load_heatmap(runs: list[Run], out: Path) -> list[Path]:
             if not keys:
                 ax.axis("off")
                 continue
-            loads = _layer_loads(list(g[keys[0]].values()))
+            seed_runs = list(g[keys[0]].values())
+            loads = _layer_loads(seed_runs)
             im = ax.imshow(loads, aspect="auto", cmap="viridis", vmin=0, vmax=max(0.5, float(loads.max())))
             ax.set_title(f"{GLUE_LABEL.get(t, t)} · {METHOD_LABEL[m]}")
             ax.set_xlabel("expert")
             ax.set_ylabel("adapted layer")
             ax.set_xticks(range(loads.shape[1]))
+            names = [_short(n) for n in seed_runs[0].routing["layers"]]
+            ax.set_yticks(range(len(names)), names, fontsize=6)
             fig.colorbar(im, ax=ax, fraction=0.046, label="mean load")
     fig.tight_layout()
     return _save(fig, out, "expert_load_heatmap")
@@ -86,7 +96,15 @@ def routing_over_training(runs: list[Run], out: Path) -> list[Path]:
                 s = series.get((t, m, stat))
                 if s:
                     steps = sorted(s)
-                    ax.plot(steps, [np.mean(s[x]) for x in steps], label=METHOD_LABEL[m], color=COLORS[m], lw=1.2)
+                    ax.plot(
+                        steps,
+                        [np.mean(s[x]) for x in steps],
+                        "o-",
+                        ms=2.5,
+                        label=METHOD_LABEL[m],
+                        color=COLORS[m],
+                        lw=1.2,
+                    )
             ax.set_title(GLUE_LABEL.get(t, t)) if i == 0 else None
             ax.set_xlabel("step") if i == 1 else None
             ax.set_ylabel(label) if j == 0 else None
