@@ -63,7 +63,8 @@ def test_cli_missing_data_is_clear(tmp_path):
     assert r.returncode == 2, r.stderr[-2000:]
     line = r.stderr.strip().splitlines()[-1]
     assert line.startswith("error: GLUE task 'rte'") and "TALKLORA_DATA_DIR" in line and str(tmp_path / "none") in line
-    assert not (tmp_path / "run" / "metrics.json").exists()
+    m = json.loads((tmp_path / "run" / "metrics.json").read_text())  # recorded as failed, never as completed
+    assert m["status"] == "failed" and "GLUE task 'rte'" in m["error"]
 
 
 @pytest.mark.slow

@@ -107,15 +107,17 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
             shutil.rmtree(ckpt_root, ignore_errors=True)
     try:
         b = build(cfg, acc)
+        task, tok, model, method, bres = b["task"], b["tokenizer"], b["model"], b["method"], b["budget"]
+        if main:
+            (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        data = task.load(
+            tok, cfg.paths.data_dir, int(cfg.model.max_length), tcfg.max_train_samples, tcfg.max_eval_samples
+        )
     except UserError as e:
         if main:  # nothing claims completion; sweeps and tables see why this run has no result
             atomic_write_json(run_dir / "metrics.json", {"status": "failed", "error": f"UserError: {e}"})
         raise
-    task, tok, model, method, bres = b["task"], b["tokenizer"], b["model"], b["method"], b["budget"]
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    if main:
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    data = task.load(tok, cfg.paths.data_dir, int(cfg.model.max_length), tcfg.max_train_samples, tcfg.max_eval_samples)
     counts = count_params(model, set(method.adapter_param_names(model)))
     log.info(
         "%s | %s | %s | rank %d | adapter params %d (budget %s: target %s) | head %d | data %s",
