@@ -175,3 +175,30 @@ def test_smollm2_end_to_end(tmp_path: Path, task: str, method: str):
     assert m["eval"]["accuracy"] == sum(p["correct"] for p in preds) / 4
     if method == "talklora":  # B shared across layers per projection type on a LLaMA model
         assert m["adapter_params"] > 0 and (tmp_path / "run" / "routing.json").exists()
+
+
+def test_data_root_is_not_mixed_across_dirs(tmp_path: Path, monkeypatch):
+    """The configured dir wins for the whole dataset, even when $TALKLORA_DATA_DIR has more files."""
+    mine = make_cs_dir(tmp_path / "mine")
+    other = make_cs_dir(tmp_path / "other")
+    arc = other / "commonsense" / "ARC-Easy"
+    arc.mkdir()
+    (arc / "train.json").write_text((other / "commonsense" / "boolq" / "train.json").read_text())
+    monkeypatch.setenv("TALKLORA_DATA_DIR", str(other))
+    train, _, info = _task().records(str(mine))
+    assert len(train) == 12 and info["train_source"] == "per-task train files: boolq"
+
+
+def test_examples_without_supervised_tokens_are_dropped(tmp_path: Path):
+    task = _task()
+    root = make_cs_dir(tmp_path)
+    recs, _, _ = task.records(str(root))
+    plen = 1 + len(render_prompt(task.templates, recs[0]["instruction"], ""))  # BOS + characters (char tokenizer)
+    # "Q10: is 10 even?" is 2 characters longer than "Q0: is 0 even?": at plen+1 only Q10/Q11 lose their whole response
+    data = task.load(CharTok(), str(root), max_length=plen + 3, max_train=None, max_eval=None)
+    assert data.info["dropped_no_target"] == 0 and len(data.train) == 12
+    data = task.load(CharTok(), str(root), max_length=plen + 1, max_train=None, max_eval=None)
+    assert data.info["dropped_no_target"] == 2 and data.info["n_train"] == 10 == len(data.train)
+    assert all(any(t != IGNORE for t in f["labels"]) for f in data.train.features)
+    with pytest.raises(UserError, match=r"truncated away at model.max_length=5; raise it"):
+        task.load(CharTok(), str(root), max_length=5, max_train=None, max_eval=None)

@@ -133,9 +133,21 @@ class GenerationTask(Task):
         train = train[:max_train] if max_train else train
         evals = {k: (v[:max_eval] if max_eval else v) for k, v in evals.items()}
         feats = [self.encode_train(tokenizer, r, max_length) for r in train]
+        # A response cut away entirely by max_length leaves no supervised token (all -100): its loss would be NaN.
+        kept = [f for f in feats if any(t != IGNORE for t in f["labels"])]
+        if not kept:
+            raise UserError(
+                f"every training example's response is truncated away at model.max_length={max_length}; raise it"
+            )
+        dropped, feats = len(feats) - len(kept), kept
         eval_splits = {k: Split([{**r, "prompt": render_prompt(self.templates, r["instruction"], r.get("input", ""))} for r in v])
                        for k, v in evals.items()}  # fmt: skip
-        info = {**info, "n_train": len(train), "n_eval": {k or "test": len(v) for k, v in evals.items()}}
+        info = {
+            **info,
+            "n_train": len(feats),
+            "dropped_no_target": dropped,
+            "n_eval": {k or "test": len(v) for k, v in evals.items()},
+        }
         return TaskData(train=Split(feats), evals=eval_splits, info=info)
 
     def collator(self, tokenizer: Any) -> Any:
@@ -217,25 +229,23 @@ class CommonsenseTask(GenerationTask):
 
     def records(self, data_dir: str | None):
         req = ("instruction", "output", "answer")
-        full = find_local(data_dir, "commonsense", TRAIN_170K)
-        if full is not None:
-            train = read_json_records(full, req)
-            source = str(full)
+        root = find_local(data_dir, "commonsense")  # one data dir for the whole dataset, never mixed across dirs
+        if root is None:
+            raise UserError(f"commonsense: no data folder; {describe_search(data_dir, 'commonsense')}")
+        if (root / TRAIN_170K).exists():
+            train = read_json_records(root / TRAIN_170K, req)
+            source = str(root / TRAIN_170K)
         else:
-            files = [
-                p for t in COMMONSENSE_TASKS if (p := find_local(data_dir, "commonsense", t, "train.json")) is not None
-            ]
+            files = [root / t / "train.json" for t in COMMONSENSE_TASKS if (root / t / "train.json").exists()]
             if not files:
-                raise UserError(
-                    f"commonsense: no training data ({TRAIN_170K} or <task>/train.json); {describe_search(data_dir, 'commonsense')}"
-                )
+                raise UserError(f"commonsense: no training data in {root} ({TRAIN_170K} or <task>/train.json)")
             train = [r for p in files for r in read_json_records(p, req)]
             source = "per-task train files: " + ", ".join(p.parent.name for p in files)
         evals = {}
         for t in self.eval_tasks:
-            p = find_local(data_dir, "commonsense", t, "test.json")
-            if p is None:
-                raise UserError(f"commonsense/{t}: test.json not found; {describe_search(data_dir, 'commonsense', t)}")
+            p = root / t / "test.json"
+            if not p.exists():
+                raise UserError(f"commonsense/{t}: {p} not found")
             recs = read_json_records(p, req)
             evals[f"{t}/" if self.name == "all" else ""] = [
                 {**r, "id": f"{t}-{i}", "task": t} for i, r in enumerate(recs)
@@ -251,10 +261,13 @@ class Gsm8kTask(GenerationTask):
 
     def records(self, data_dir: str | None):
         out = {}
+        root = find_local(data_dir, "gsm8k")  # one data dir for the whole dataset
+        if root is None:
+            raise UserError(f"gsm8k: no data folder; {describe_search(data_dir, 'gsm8k')}")
         for split in ("train", "test"):
-            p = find_local(data_dir, "gsm8k", f"{split}.jsonl")
-            if p is None:
-                raise UserError(f"gsm8k: {split}.jsonl not found; {describe_search(data_dir, 'gsm8k')}")
+            p = root / f"{split}.jsonl"
+            if not p.exists():
+                raise UserError(f"gsm8k: {p} not found")
             recs = read_json_records(p, ("question", "answer"))
             rows = []
             for i, r in enumerate(recs):
@@ -275,5 +288,5 @@ class Gsm8kTask(GenerationTask):
         return (
             out["train"],
             {"": out["test"]},
-            {"source": str(find_local(data_dir, "gsm8k")), "train_source": "gsm8k/train.jsonl"},
+            {"source": str(root), "train_source": "gsm8k/train.jsonl"},
         )
