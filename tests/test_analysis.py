@@ -114,3 +114,13 @@ def test_commonsense_all_run_expands_into_task_columns(tmp_path: Path):
     analysis_main([str(tmp_path / "r"), "--out", str(tmp_path / "o"), "--no-plots"])
     md = (tmp_path / "o" / "tables" / "commonsense.md").read_text()
     assert "| Method | Adapter params | BoolQ | PIQA | Avg |" in md and "| **60.00** | **50.00** | **55.00** |" in md
+
+
+def test_significantly_worse_is_marked_too(tmp_path: Path):
+    root = tmp_path / "r"
+    for s, (a, b) in enumerate([(0.80, 0.70), (0.82, 0.71), (0.81, 0.69)], start=1):
+        write_run(root, "rte", "lora", s, a)
+        write_run(root, "rte", "talklora", s, b)
+    analysis_main([str(root), "--out", str(tmp_path / "o"), "--no-plots"])
+    md = (tmp_path / "o" / "tables" / "glue.md").read_text()
+    assert "| 70.00 ± 1.00↓L |" in md and "| **81.00 ± 1.00** |" in md

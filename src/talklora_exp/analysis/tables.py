@@ -55,6 +55,7 @@ class Table:
                 .replace("_", r"\_")
                 .replace("†", r"$^\dagger$")
                 .replace("‡", r"$^\ddagger$")
+                .replace("↓", r"$^\downarrow$")
             )
             if c.startswith("**") and "**" in c[2:]:
                 end = c.index("**", 2)
@@ -158,8 +159,8 @@ def score_table(
                         ref = avg.get(base) if t == "__avg" else vals.get((base, t))
                         if ref:
                             diff, pval, n = paired_test(v, ref)
-                            if pval is not None and pval < ALPHA and diff > 0:
-                                c += mark
+                            if pval is not None and pval < ALPHA:
+                                c += mark if diff > 0 else f"↓{base[0].upper()}"  # ↓L / ↓M: significantly worse
                 cells.append(c)
             rows.append(cells)
         for t in tasks + ["__avg"]:
@@ -175,7 +176,8 @@ def score_table(
     task_cols = _order({k[1] for k in groups}, order)
     header = ["Method", "Adapter params"] + [labels.get(t, t) for t in task_cols] + ["Avg"]
     note = (f"Main metric per task x100, mean ± std over seeds ({', '.join(f'{s[1]}/{s[0]}' for s in settings)}). "
-            "Bold: best mean. †/‡: TalkLoRA better than LoRA/MoELoRA, paired t-test over seeds, p < 0.05.")  # fmt: skip
+            "Bold: best mean. †/‡: TalkLoRA better than LoRA/MoELoRA, ↓L/↓M: TalkLoRA worse than LoRA/MoELoRA "
+            "(paired t-test over seeds, p < 0.05).")  # fmt: skip
     sig = Table(
         f"{title}: significance (paired over seeds)",
         ["Model", "Budget", "Task", "Comparison", "Δ (x100)", "p (paired t)", "seeds"],
