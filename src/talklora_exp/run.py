@@ -219,9 +219,3 @@ def reevaluate(run_dir: Path) -> dict[str, float]:
     hooks = b["method"].hooks(model)
     return b["task"].evaluate(model, loaders, acc, on_batch=hooks.set_batch)
 
-
-def main_eval() -> None:
-    import sys
-
-    out = reevaluate(Path(sys.argv[1]))
-    print(json.dumps(out, indent=2))
