@@ -218,4 +218,3 @@ def reevaluate(run_dir: Path) -> dict[str, float]:
     }
     hooks = b["method"].hooks(model)
     return b["task"].evaluate(model, loaders, acc, on_batch=hooks.set_batch)
-
