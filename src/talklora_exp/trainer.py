@@ -7,7 +7,7 @@ import math
 import signal
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -72,7 +72,6 @@ class FitResult:
     total_steps: int
     train_runtime_s: float
     train_samples: int
-    history: list[dict] = field(default_factory=list)
 
 
 class Trainer:
@@ -190,7 +189,6 @@ class Trainer:
             self.sched.load_state_dict(resume["scheduler"])
             v.update(resume["loop"])
             ckpt.set_rng_state(resume["rng"])
-        history: list[dict] = []
         run_loss = torch.tensor(float(v["run_loss"]), device=acc.device)
         post: dict[str, str] = {}
         pbar = tqdm(total=self.total_steps, initial=v["step"], disable=not (cfg.progress and acc.is_main_process),
@@ -203,12 +201,8 @@ class Trainer:
                 if hasattr(self.train_dl, "set_epoch"):
                     self.train_dl.set_epoch(v["epoch"])
                 dl = self.train_dl
-                if (
-                    v["batch_in_epoch"] and v["epoch_gen_state"] is not None
-                ):  # resuming mid-epoch: same order, skip done
+                if v["batch_in_epoch"]:  # resuming mid-epoch: the epoch's shuffle order, minus the batches done
                     self.gen.set_state(v["epoch_gen_state"])
-                    dl = skip_first_batches(self.train_dl, v["batch_in_epoch"])
-                elif v["batch_in_epoch"]:
                     dl = skip_first_batches(self.train_dl, v["batch_in_epoch"])
                 else:
                     v["epoch_gen_state"] = self.gen.get_state()
@@ -230,8 +224,7 @@ class Trainer:
                     v["n_micro"] += 1
                     v["samples"] += int(batch["input_ids"].shape[0]) * acc.num_processes
                     if stats_now:
-                        history.append({"step": v["step"] + 1, "routing_train": rec.stop()["aggregate"]})
-                        self.logger.log(history[-1])
+                        self.logger.log({"step": v["step"] + 1, "routing_train": rec.stop()["aggregate"]})
                     if not acc.sync_gradients:
                         continue
                     self.sched.step()
@@ -248,7 +241,6 @@ class Trainer:
                             "lr": self.sched.get_last_lr()[0],
                             "samples": v["samples"],
                         }
-                        history.append(rec_)
                         self.logger.log(rec_)
                         post["loss"] = f"{mean_loss:.4f}"
                         pbar.set_postfix(post)
@@ -261,7 +253,6 @@ class Trainer:
                         rec_ = {"step": step, "epoch": v["epoch"], "eval": last_eval}
                         if routing is not None:
                             rec_["routing"] = routing["aggregate"]
-                        history.append(rec_)
                         self.logger.log(rec_)
                         if is_better(last_eval.get(main), v["best_val"]):
                             v.update(best_val=last_eval[main], best_step=step, best_eval=last_eval, best_routing=routing,
@@ -306,7 +297,6 @@ class Trainer:
             step,
             v["train_time"],
             v["samples"],
-            history,
         )
 
 
