@@ -37,6 +37,7 @@ def test_defaults_and_hub_models_share_the_loader():
 
 def test_unknown_group_choice_is_one_line():
     assert check_group_overrides(["method=foo"]) == "unknown method 'foo'; valid: lora, moelora, talklora"
+    assert check_group_overrides(["task=glob(glue/m*)"]) is None  # Hydra syntax, parsed by Hydra's parser
     assert "glue/sst2" in check_group_overrides(["task=glue/nope"])
     assert check_group_overrides(["-m", "method=lora,talklora", "task=glue/rte"]) is None
 
@@ -105,12 +106,33 @@ def test_unknown_override_key_is_one_line(tmp_path):
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "r").exists()
 
 
-@pytest.mark.parametrize("over,needle", [(["trainer.batch_size=0"], "trainer.batch_size=0 must be a positive integer"),
-                                          (["trainer.max_steps=-1"], "trainer.max_steps=-1 must be positive"),
-                                          (["model.max_length=0"], "model.max_length=0 must be a positive integer"),
-                                          (["method=talklora", "method.rank=30"], "method.rank=30 is not divisible by method.num_experts=4"),
-                                          (["model.target_modules=[nothing]"], "match no linear layer; this model's linear layer names"),
-                                          (["method=moelora", "budget=lora_r8"], "budget lora_r8: no rank (multiple of 4)")])  # fmt: skip
+BAD = [
+    (["trainer.batch_size=0"], "trainer.batch_size=0 must be an integer >= 1"),
+    (["trainer.max_steps=-1"], "trainer.max_steps=-1 must be an integer >= 1 or null"),
+    (["trainer.lr=-0.1"], "trainer.lr=-0.1 must be a number > 0.0"),
+    (["trainer.lr=abc"], "trainer.lr='abc' must be a number > 0.0"),
+    (["trainer.warmup_ratio=2"], "trainer.warmup_ratio=2 must be a number in [0.0, 1.0]"),
+    (["trainer.group_by_length=maybe"], "trainer.group_by_length='maybe'; allowed: true or false"),
+    (["trainer.select=best_test"], "trainer.select='best_test'; allowed: ['val_from_train', 'best_dev', 'last']"),
+    (["trainer.resume=yes"], "trainer.resume='yes'; allowed: [None, 'auto']"),
+    (["eval.top_p=0"], "eval.top_p=0 must be a number in (0.0, 1.0]"),
+    (["task.val_size=-3"], "task.val_size=-3 must be an integer >= 0"),
+    (["model.max_length=0"], "model.max_length=0 must be an integer >= 1"),
+    (["budget=lora_r16", "budget.type=weird"], "budget.type='weird'; allowed: ['none', 'relative', 'absolute']"),
+    (["method=talklora", "method.dropout=1.5"], "method.dropout=1.5; allowed: a probability in [0, 1)"),
+    (["method=talklora", "method.top_k=9"], "method.top_k=9; allowed: null or an integer in [1, 4]"),
+    (["method=talklora", "method.router_input=y"], "method.router_input='y'; allowed: ['x', 'h', 'talked']"),
+    (["method=talklora", "method.talk=loud"], "method.talk='loud'; allowed: ['learned', 'identity', 'off']"),
+    (["method=talklora", "method.rank=3.5"], "method.rank=3.5; allowed: an integer"),
+    (["method=lora", "method.alpha=0"], "method.alpha=0.0; allowed: a positive number, or null for 2 x rank"),
+    (["method=talklora", "+method.bogus=1"], "method=talklora: unknown key(s) ['bogus']"),
+    (["method=talklora", "method.rank=30"], "method.rank=30 is not divisible by method.num_experts=4"),
+    (["model.target_modules=[nothing]"], "match no linear layer; this model's linear layer names"),
+    (["method=moelora", "budget=lora_r8"], "budget lora_r8: no rank (multiple of 4)"),
+]
+
+
+@pytest.mark.parametrize("over,needle", BAD)
 def test_bad_settings_fail_without_completed_result(glue_dir, tmp_path, over, needle):
     from talklora_exp.errors import UserError
     from talklora_exp.run import run
@@ -119,6 +141,18 @@ def test_bad_settings_fail_without_completed_result(glue_dir, tmp_path, over, ne
         run(compose_cfg([f"paths.data_dir={glue_dir}", *TINY, *over]), tmp_path / "r")
     m = tmp_path / "r" / "metrics.json"
     assert not m.exists() or json.loads(m.read_text())["status"] != "completed"
+
+
+def test_bad_value_on_the_cli_is_one_line_and_writes_nothing(tmp_path):
+    r = _cli(["trainer.lr=abc", f"hydra.run.dir={tmp_path}/r"], tmp_path)
+    assert r.returncode == 2 and r.stderr.strip() == "error: trainer.lr='abc' must be a number > 0.0"
+    assert not (tmp_path / "r" / "metrics.json").exists()
+
+
+def test_help_names_the_app_and_hides_base_configs(tmp_path):
+    r = _cli(["--help"], tmp_path)
+    assert r.returncode == 0 and r.stdout.startswith("talklora_exp is powered by Hydra")
+    assert "_base" not in r.stdout and "task/commonsense: ARC-Challenge, ARC-Easy, all, boolq" in r.stdout
 
 
 def test_fp16_on_cpu_is_refused():

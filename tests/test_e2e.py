@@ -17,7 +17,8 @@ LEARN = ["task=glue/sst2", "trainer.batch_size=16", "trainer.max_steps=40", "tra
 
 @pytest.mark.parametrize("method", ["lora", "talklora"])
 def test_loss_goes_down_contract_and_reload(glue_dir: Path, tmp_path: Path, method: str):
-    from talklora_exp.run import reevaluate, run
+    from talklora_exp.evaluate import evaluate_run
+    from talklora_exp.run import run
 
     run_dir = tmp_path / "run"
     m = run(compose_cfg([f"method={method}", f"paths.data_dir={glue_dir}", *LEARN]), run_dir)
@@ -38,7 +39,9 @@ def test_loss_goes_down_contract_and_reload(glue_dir: Path, tmp_path: Path, meth
               "train_runtime_s", "train_samples_per_s"):  # fmt: skip
         assert k in saved, k
     assert saved["status"] == "completed" and saved["eval"] == m["eval"] and saved["eval"]["accuracy"] > 0.5
-    assert reevaluate(run_dir) == pytest.approx(saved["eval"])
+    again, out = evaluate_run(run_dir)
+    assert again == pytest.approx(saved["eval"]) and out.parent == run_dir and out.name == "evaluate-default.json"
+    assert json.loads((run_dir / "metrics.json").read_text()) == saved  # the run's own result is untouched
 
 
 def test_cli_main_command_and_skip_completed(glue_dir: Path, tmp_path: Path):

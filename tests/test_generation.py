@@ -15,6 +15,7 @@ from talklora_exp.tasks.generation import (
     extract_last_number,
     gsm8k_gold,
     read_json_records,
+    cut_generation,
     render_prompt,
 )
 
@@ -24,6 +25,7 @@ class CharTok:
 
     eos_token_id = 0
     pad_token_id = 0
+    bos_token_id = 1
 
     def __call__(self, text, add_special_tokens=True):
         return {"input_ids": ([1] if add_special_tokens else []) + [ord(c) for c in text]}
@@ -34,20 +36,67 @@ def _task(name="commonsense/boolq", **over):
     return build_task(cfg.task)
 
 
-def test_label_mask_covers_exactly_the_prompt():
-    task = _task()
-    rec = {"instruction": "Is the sky blue?", "input": "", "output": "the correct answer is true"}
-    f = task.encode_train(CharTok(), rec, max_length=10_000)
-    prompt = render_prompt(task.templates, rec["instruction"], "")
-    n_prompt = 1 + len(prompt)  # BOS + characters
-    assert f["labels"][:n_prompt] == [IGNORE] * n_prompt
-    assert f["labels"][n_prompt:] == [ord(c) for c in rec["output"]] + [0]
-    assert f["input_ids"][n_prompt:] == f["labels"][n_prompt:]
-    assert prompt.endswith("### Response:\n") and "### Instruction:\nIs the sky blue?" in prompt
-    full = _task(train_on_prompt=True).encode_train(CharTok(), rec, 10_000)
+def test_training_layout_is_upstreams_written_out_by_hand():
+    """Upstream (dataset/format_inputs.py, template_type 4): prompt without BOS, cut to the prompt cutoff; stripped
+    response cut to the response cutoff, no EOS; labels -100 on the prompt. Char tokenizer: ids are ord(c)."""
+    rec = {"instruction": "Q", "input": "", "output": "  the correct answer is true "}
+    f = _task(prompt_max_length=5, response_max_length=3).encode_train(CharTok(), rec)
+    # left truncation keeps the prompt's last 5 characters, "nse:\n"; the response keeps "the"
+    assert f["input_ids"] == [110, 115, 101, 58, 10, 116, 104, 101]
+    assert f["labels"] == [-100, -100, -100, -100, -100, 116, 104, 101]
+    assert f["attention_mask"] == [1] * 8
+    # upstream's own tokenizer setting cuts the prompt's end instead: "Below"
+    r = _task(prompt_max_length=5, response_max_length=3, prompt_truncation="right").encode_train(CharTok(), rec)
+    assert r["input_ids"] == [66, 101, 108, 111, 119, 116, 104, 101]
+    # the deviations are flags: BOS (id 1) before the prompt, EOS (id 0) after the response
+    b = _task(prompt_max_length=5, response_max_length=3, train_bos=True, train_eos=True).encode_train(CharTok(), rec)
+    assert b["input_ids"] == [1, 110, 115, 101, 58, 10, 116, 104, 101, 0]
+    assert b["labels"] == [-100] * 6 + [116, 104, 101, 0]
+    full = _task(prompt_max_length=5, response_max_length=3, train_on_prompt=True).encode_train(CharTok(), rec)
     assert full["labels"] == full["input_ids"]
-    cut = task.encode_train(CharTok(), rec, max_length=20)
-    assert len(cut["input_ids"]) == len(cut["labels"]) == 20 and set(cut["labels"]) == {IGNORE}
+    # test prompts: BOS first (upstream's f"{bos_token}" + prompt), same prompt cutoff, no response
+    t = _task(prompt_max_length=5).encode_eval(CharTok(), {**rec, "id": "x", "answer": "true"})
+    assert t["prompt_ids"] == [1, 110, 115, 101, 58, 10]
+
+
+def test_template_is_upstreams_character_for_character():
+    task = _task()
+    p = render_prompt(task.templates, "Is the sky blue?", "")
+    assert p == (
+        "Below is an instruction that describes a task. Write a response that appropriately completes the request.  "
+        "\n\n### Instruction:\nIs the sky blue?\n\n### Response:\n"
+    )
+
+
+def test_gsm8k_cutoffs_are_upstreams():
+    t = _task("gsm8k")
+    assert (t.prompt_max, t.response_max, t.gen is None) == (155, 200, True)
+    assert compose_cfg(["task=gsm8k", "model=smollm2-135m", "eval=upstream"]).eval.max_new_tokens == 200
+    assert compose_cfg(["task=commonsense/piqa", "model=smollm2-135m", "eval=upstream"]).eval.max_new_tokens == 16
+
+
+@pytest.mark.parametrize(
+    "raw,eos,pad,expected",
+    [
+        ("the correct answer is true<|im_end|>more text", "<|im_end|>", "<|im_end|>", "the correct answer is true"),
+        ("answer1 Q: what next", "</s>", "<unk>", "answer1 "),
+        ("solution2\nR: reply", "</s>", "<unk>", "solution2\n"),
+        ("<unk>ending3<unk> R: x Q: y", "</s>", "<unk>", "ending3 "),
+        ("option1</s>Q: tail", "</s>", "<unk>", "option1"),
+        ("plain", None, None, "plain"),
+    ],
+)
+def test_decoding_cut_at_eos_q_r(raw, eos, pad, expected):
+    assert cut_generation(raw, eos, pad, ["Q:", "R:"]) == expected
+
+
+def test_gold_answers_are_checked_against_the_options(tmp_path: Path):
+    root = make_cs_dir(tmp_path)
+    bad = json.loads((root / "commonsense/boolq/test.json").read_text())
+    bad[2]["answer"] = "True"
+    (root / "commonsense/boolq/test.json").write_text(json.dumps(bad))
+    with pytest.raises(UserError, match=r"test\.json record 2: answer 'True' is not one of boolq's options \['true', 'false'\]"):
+        _task().records(str(root))
 
 
 def test_input_field_uses_the_with_input_template():
@@ -189,16 +238,29 @@ def test_data_root_is_not_mixed_across_dirs(tmp_path: Path, monkeypatch):
     assert len(train) == 12 and info["train_source"] == "per-task train files: boolq"
 
 
+def test_val_split_is_held_out_of_train_like_upstream(tmp_path: Path):
+    """random.seed(58); random.shuffle(data); train, val = data[:-n], data[-n:] (upstream's split script), exactly."""
+    import random
+
+    task = _task(val_size=3)
+    root = make_cs_dir(tmp_path)
+    recs, _, _ = task.records(str(root))
+    data = task.load(CharTok(), str(root), 0, None, None, val_size=3, val_seed=58)
+    expect = list(recs)
+    random.seed(58)
+    random.shuffle(expect)
+    assert [r["id"] for r in data.val_evals[""].features] == [r["id"] for r in expect[-3:]]
+    assert len(data.train) == 9 and len(data.val) == 3 and data.info["n_val"] == 3
+    train_ids = {tuple(f["input_ids"]) for f in data.train.features}
+    assert not train_ids & {tuple(f["input_ids"]) for f in data.val.features}  # no validation example is trained on
+
+
 def test_examples_without_supervised_tokens_are_dropped(tmp_path: Path):
     task = _task()
     root = make_cs_dir(tmp_path)
-    recs, _, _ = task.records(str(root))
-    plen = 1 + len(render_prompt(task.templates, recs[0]["instruction"], ""))  # BOS + characters (char tokenizer)
-    # "Q10: is 10 even?" is 2 characters longer than "Q0: is 0 even?": at plen+1 only Q10/Q11 lose their whole response
-    data = task.load(CharTok(), str(root), max_length=plen + 3, max_train=None, max_eval=None)
-    assert data.info["dropped_no_target"] == 0 and len(data.train) == 12
-    data = task.load(CharTok(), str(root), max_length=plen + 1, max_train=None, max_eval=None)
-    assert data.info["dropped_no_target"] == 2 and data.info["n_train"] == 10 == len(data.train)
+    rows = json.loads((root / "commonsense/boolq/train.json").read_text())
+    rows[0]["output"] = "   "  # tokenizes to nothing after strip(): no supervised token, NaN loss if kept
+    (root / "commonsense/boolq/train.json").write_text(json.dumps(rows))
+    data = task.load(CharTok(), str(root), 0, None, None)
+    assert data.info["dropped_no_target"] == 1 and data.info["n_train"] == 11 == len(data.train)
     assert all(any(t != IGNORE for t in f["labels"]) for f in data.train.features)
-    with pytest.raises(UserError, match=r"truncated away at model.max_length=5; raise it"):
-        task.load(CharTok(), str(root), max_length=5, max_train=None, max_eval=None)

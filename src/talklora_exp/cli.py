@@ -1,52 +1,107 @@
-"""Hydra entry point: `python -m talklora_exp <overrides>` (add `-m` for sweeps)."""
+"""Hydra entry point: `python -m talklora_exp <overrides>` (add `-m` for sweeps, `+dry_run=true` to list a sweep's jobs
+with their ranks, adapter parameters and memory estimates without training)."""
 
 from __future__ import annotations
 
 import logging
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
+from typing import Any
 
 CONF_DIR = Path(os.environ.get("TALKLORA_CONF_DIR", Path(__file__).resolve().parents[2] / "conf"))
-GROUPS = ("model", "method", "task", "budget", "trainer", "logger", "paths", "experiment")
+GROUPS = ("model", "method", "task", "budget", "trainer", "eval", "logger", "paths", "experiment")
 
 
 def group_options(group: str) -> list[str]:
+    """The choices Hydra offers for a config group (every yaml under conf/<group>)."""
     root = CONF_DIR / group
-    return sorted(str(p.relative_to(root).with_suffix("")) for p in root.rglob("*.yaml") if not p.name.startswith("_"))
+    return sorted(str(p.relative_to(root).with_suffix("")) for p in root.rglob("*.yaml"))
+
+
+def _parse(argv: list[str]) -> list[Any]:
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    return OverridesParser.create().parse_overrides([a for a in argv if not a.startswith("-")])
+
+
+def _choices(o: Any, options: list[str]) -> list[str]:
+    """The values a group override selects, as Hydra would expand them (glob(), a,b lists, single values)."""
+    if o.value_type is not None and o.value_type.name == "GLOB_CHOICE_SWEEP":
+        return o.value().filter(options)
+    if o.is_sweep_override():
+        return list(o.sweep_string_iterator())
+    v = o.value()
+    return [] if v is None else [str(v)]
+
+
+def expand_group_globs(argv: list[str]) -> list[str]:
+    """`task=glob(glue/m*)` -> `task=glue/mnli,glue/mrpc`. Hydra's glob sees only a group's direct options, and the
+    task group nests its options (glue/*, commonsense/*), so Hydra alone would expand it to nothing; the pattern is
+    still Hydra's own Glob, matched against every option the group offers."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser, out = OverridesParser.create(), []
+    for arg in argv:
+        if arg.startswith("-") or "glob(" not in arg:
+            out.append(arg)
+            continue
+        o = parser.parse_override(arg)
+        if o.key_or_group in GROUPS and o.value_type is not None and o.value_type.name == "GLOB_CHOICE_SWEEP":
+            picked = o.value().filter(group_options(o.key_or_group))
+            out.append(f"{arg.split('=', 1)[0]}={','.join(picked)}" if picked else arg)
+        else:
+            out.append(arg)
+    return out
 
 
 def check_group_overrides(argv: list[str]) -> str | None:
-    """One clear line for an unknown config-group choice (Hydra's own message spans many lines)."""
-    for arg in argv:
-        if arg.startswith("-") or "=" not in arg:
+    """One clear line for an unknown config-group choice (Hydra's own message spans many lines). Parsed by Hydra's
+    override parser, so glob(), choice lists and ranges mean what they mean to Hydra."""
+    from hydra.errors import HydraException
+
+    try:
+        overrides = _parse(argv)
+    except HydraException as e:
+        return f"cannot parse overrides: {str(e).splitlines()[0]}"
+    for o in overrides:
+        if o.key_or_group not in GROUPS or o.is_delete():
             continue
-        key, _, value = arg.lstrip("+~").partition("=")
-        if key not in GROUPS or value in ("", "null"):
-            continue
-        valid = group_options(key)
-        for v in value.split(","):
-            if v not in valid:
-                return f"unknown {key} {v!r}; valid: {', '.join(valid)}"
+        valid = group_options(o.key_or_group)
+        picked = _choices(o, valid)
+        if o.value_type is not None and o.value_type.name == "GLOB_CHOICE_SWEEP" and not picked:
+            return f"{o.input_line} matches no option; valid: {', '.join(valid)}"
+        for v in picked:
+            if v not in valid and v != "null":
+                return f"unknown {o.key_or_group} {v!r}; valid: {', '.join(valid)}"
     return None
 
 
 def check_override_keys(argv: list[str]) -> str | None:
     """One clear line for `a.b=value` where a.b is not in the composed config (Hydra's message spans many lines)."""
-    plain = [a for a in argv if "=" in a and not a.startswith(("-", "+", "~", "hydra.", "hydra/"))]
-    keys = [a.split("=", 1)[0] for a in plain if a.split("=", 1)[0] not in GROUPS + ("eval",)]
-    if not keys:
-        return None
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from omegaconf import OmegaConf
 
-    groups = [f"{k}={v.split(',')[0]}" for k, _, v in (a.partition("=") for a in plain) if k in GROUPS + ("eval",)]
+    overrides = _parse(argv)
+    plain = [o for o in overrides if o.type.name == "CHANGE" and o.key_or_group not in GROUPS
+             and not o.key_or_group.startswith(("hydra.", "hydra/"))]  # fmt: skip
+    if not plain:
+        return None
+    groups = []
+    for o in overrides:
+        if o.key_or_group in GROUPS and o.type.name == "CHANGE":
+            picked = _choices(o, group_options(o.key_or_group))
+            if picked:
+                groups.append(f"{o.key_or_group}={picked[0]}")
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose(config_name="config", overrides=groups)
     GlobalHydra.instance().clear()
-    for k in keys:
+    for o in plain:
+        k = o.key_or_group
         if OmegaConf.select(cfg, k, default="__missing__", throw_on_missing=False) == "__missing__":
             parent, _, leaf = k.rpartition(".")
             node = OmegaConf.select(cfg, parent) if parent else cfg
@@ -59,7 +114,7 @@ def check_override_keys(argv: list[str]) -> str | None:
     return None
 
 
-def _spread_over_gpus(hc) -> None:
+def _spread_over_gpus(hc: Any) -> None:
     """Local parallel sweeps (joblib) on a multi-GPU box: job i uses GPU i mod n. Distributed launches set their own."""
     if "LOCAL_RANK" in os.environ or hc.mode.name != "MULTIRUN":
         return
@@ -70,31 +125,61 @@ def _spread_over_gpus(hc) -> None:
         torch.cuda.set_device(int(hc.job.num) % n)
 
 
+def _is_dry_run(argv: list[str]) -> bool:
+    return any(a.lstrip("+") in ("dry_run=true", "dry_run=True") for a in argv)
+
+
+def _dry_run_argv(argv: list[str], out: str) -> list[str]:
+    """Hydra's own sweep expansion, minus everything a dry run must not do: no launcher (basic, in-process), no output
+    dirs or log files in the project (a temp dir), no .hydra/ subdir."""
+    keep = [a for a in argv if not a.startswith(("hydra/launcher=", "hydra.launcher.", "hydra.sweep.dir=", "hydra.run.dir="))]
+    return keep + [f"hydra.sweep.dir={out}", f"hydra.run.dir={out}", "hydra.output_subdir=null", "hydra/launcher=basic",
+                   "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"]  # fmt: skip
+
+
+DRY_RUN_JOBS: list[dict[str, Any]] = []
+
+
 def main() -> None:
-    err = check_group_overrides(sys.argv[1:]) or check_override_keys(sys.argv[1:])
+    argv = sys.argv[1:]
+    err = check_group_overrides(argv) or check_override_keys(argv)
+    argv = expand_group_globs(argv)
     if err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    dry = _is_dry_run(argv)
+    tmp = tempfile.mkdtemp(prefix="talklora_dry_run_") if dry else None
+    sys.argv = [sys.argv[0], *(_dry_run_argv(argv, tmp) if dry else argv)]
     import hydra
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import DictConfig
 
     from .errors import UserError
+    from .identity import ConfigMismatch
 
     @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
     def _main(cfg: DictConfig) -> float | None:
         from hydra.types import RunMode
 
+        hc = HydraConfig.get()
+        multirun = hc.mode == RunMode.MULTIRUN
+        if cfg.get("dry_run"):
+            from .dryrun import describe_job
+
+            DRY_RUN_JOBS.append(describe_job(cfg, hc.overrides.task))
+            return None
         from .run import run
 
         logging.getLogger("talklora_exp").setLevel(logging.INFO)
-        hc = HydraConfig.get()
         _spread_over_gpus(hc)
         try:
             metrics = run(cfg, Path(hc.runtime.output_dir))
+        except ConfigMismatch as e:  # a decision for the user, not a job failure: stop the whole sweep
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
         except (UserError, FloatingPointError) as e:
             print(f"error: {e}", file=sys.stderr)
-            if hc.mode == RunMode.MULTIRUN:  # keep sweeping; the run dir says "failed" and the tables list it
+            if multirun:  # keep sweeping; the run dir says "failed" and the tables list it
                 return None
             sys.exit(2 if isinstance(e, UserError) else 3)
         except KeyboardInterrupt as e:
@@ -105,4 +190,12 @@ def main() -> None:
             return None
         return metrics["eval"].get(metrics["main_metric"])  # for Hydra sweepers (e.g. Optuna)
 
-    _main()
+    try:
+        _main()
+    finally:
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
+    if dry:
+        from .dryrun import print_summary
+
+        sys.exit(print_summary(DRY_RUN_JOBS))

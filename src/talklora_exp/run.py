@@ -12,16 +12,18 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from . import budget as budget_mod
 from . import checkpoint as ckpt
 from .errors import UserError
-from .methods import build_method, find_target_layers
+from .identity import IDENTITY_FILE, identity, mismatch_error, read_identity
+from .methods import build_method, find_target_layers, method_config
 from .models import load_model, load_tokenizer
-from .rundir import RunLogger, atomic_write_json, read_status
+from .rundir import RunDirBusy, RunDirLock, RunLogger, atomic_write_json, read_status
 from .tasks import build_task
 from .trainer import Trainer, resolve_mixed_precision
+from .validate import validate_config
 
 log = logging.getLogger("talklora_exp")
 
@@ -38,11 +40,16 @@ def count_params(model: torch.nn.Module, adapter_names: set[str]) -> dict[str, i
     }
 
 
+def set_resolved(cfg: DictConfig, key: str, value: Any) -> None:
+    """Write a value decided at build time (the budget's rank, LoRA's alpha) into the run's config."""
+    with read_write(cfg), open_dict(cfg):
+        OmegaConf.update(cfg, key, value, merge=False)
+
+
 def build(cfg: DictConfig, accelerator: Accelerator | None = None) -> dict[str, Any]:
     """Task, tokenizer, model with adapters injected (rank from the budget), method and data."""
-    for key, val in (("model.max_length", cfg.model.max_length), ("eval.max_new_tokens", cfg.eval.max_new_tokens)):
-        if int(val) <= 0:
-            raise UserError(f"{key}={val} must be a positive integer")
+    validate_config(cfg)
+    mcfg = method_config(cfg.method)
     task = build_task(cfg.task)
     kind = "causal" if task.kind == "causal" else "encoder"
     if cfg.model.kind != kind:
@@ -53,51 +60,88 @@ def build(cfg: DictConfig, accelerator: Accelerator | None = None) -> dict[str, 
     tok = load_tokenizer(cfg.model, cfg.paths.cache_dir)
     set_seed(int(cfg.seed))
     model = load_model(cfg.model, task, cfg.paths.cache_dir, tok)
-    method = build_method(cfg.method)
+    method = build_method(mcfg)
     targets = list(cfg.model.target_modules)
     layers = find_target_layers(model, targets)
-    res = budget_mod.solve(method, layers, cfg.budget, int(cfg.method.rank), int(cfg.method.get("num_experts", 1) or 1))
-    with _unlocked(cfg):
-        cfg.method.rank = res.rank
+    res = budget_mod.solve(method, layers, cfg.budget, mcfg.rank, mcfg.num_experts)
+    mcfg.rank = res.rank
+    set_resolved(cfg, "method.rank", res.rank)
+    if hasattr(mcfg, "resolved_alpha"):
+        set_resolved(cfg, "method.alpha", mcfg.resolved_alpha())
     model = method.inject(model, targets, list(cfg.model.get("head_modules") or []), task.kind)
     task.tokenizer, task.gen = tok, cfg.get("eval")
     return {"task": task, "tokenizer": tok, "model": model, "method": method, "budget": res, "layers": layers}
 
 
-class _unlocked:
-    def __init__(self, cfg: DictConfig):
-        self.cfg = cfg
+def load_data(cfg: DictConfig, task: Any, tok: Any) -> Any:
+    """The task's splits; the validation split is held out of train only when the protocol selects on it."""
+    t = cfg.trainer
+    val_size = int(cfg.task.get("val_size", 0) or 0) if t.select == "val_from_train" else 0
+    return task.load(tok, cfg.paths.data_dir, int(cfg.model.max_length), t.max_train_samples, t.max_eval_samples,
+                     val_size=val_size, val_seed=int(cfg.task.get("val_seed", 58)))  # fmt: skip
 
-    def __enter__(self):
-        self.ro = OmegaConf.is_readonly(self.cfg)
-        self.st = OmegaConf.is_struct(self.cfg)
-        OmegaConf.set_readonly(self.cfg, False)
-        OmegaConf.set_struct(self.cfg, False)
 
-    def __exit__(self, *a):
-        OmegaConf.set_readonly(self.cfg, self.ro)
-        OmegaConf.set_struct(self.cfg, self.st)
+def device_name(acc: Accelerator) -> str:
+    if acc.device.type == "cuda":
+        return torch.cuda.get_device_name(acc.device)
+    return acc.device.type
+
+
+def _agree(acc: Accelerator, error: str | None) -> str | None:
+    """Every process learns the main process's verdict (so no rank waits at a barrier the others never reach)."""
+    if acc.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        error = broadcast_object_list([error])[0]
+    return error
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
     """Train and evaluate one configuration into run_dir. Returns metrics (None when skipped as completed)."""
     run_dir = Path(run_dir)
-    status = read_status(run_dir)
-    if status == "completed" and not cfg.get("overwrite", False):
-        log.info("skip: %s already completed (overwrite=true to redo)", run_dir)
-        return None
+    validate_config(cfg)  # bad values stop here: nothing written, no lock taken
+    method_config(cfg.method)
+    ident = identity(cfg)
     tcfg = cfg.trainer
     mp = resolve_mixed_precision(str(tcfg.mixed_precision), bool(tcfg.cpu))
     acc = Accelerator(mixed_precision=mp, gradient_accumulation_steps=int(tcfg.grad_accum), cpu=bool(tcfg.cpu))
     main = acc.is_main_process
+    lock = RunDirLock(run_dir)
+    busy = None
+    if main:
+        try:
+            lock.acquire()
+        except RunDirBusy as e:
+            busy = str(e)
+    busy = _agree(acc, busy)
+    if busy:
+        raise UserError(busy)
+    try:
+        return _run_locked(cfg, run_dir, ident, acc, mp)
+    finally:
+        lock.release()
+
+
+def _run_locked(cfg: DictConfig, run_dir: Path, ident: dict, acc: Accelerator, mp: str) -> dict[str, Any] | None:
+    tcfg, main = cfg.trainer, acc.is_main_process
+    overwrite = bool(cfg.get("overwrite", False))
+    stored = read_identity(run_dir)
+    if read_status(run_dir) == "completed" and not overwrite:
+        if stored is not None and stored["config_hash"] == ident["config_hash"]:
+            log.info("skip: %s already completed (same config hash %s; overwrite=true to redo)", run_dir, ident["config_hash"])
+            return None
+        raise mismatch_error(run_dir, "it holds a completed run", stored, ident)
     if tcfg.get("deterministic"):
         torch.use_deterministic_algorithms(True, warn_only=True)
     ckpt_root = run_dir / "checkpoints"
     resume_state = None
-    if tcfg.get("resume") not in (None, "auto"):
-        raise UserError(f"trainer.resume={tcfg.resume!r}; allowed: null, auto")
-    if tcfg.get("resume") == "auto":
-        resume_state = ckpt.load_latest(ckpt_root)
+    if tcfg.get("resume") == "auto" and not overwrite:
+        try:
+            resume_state = ckpt.load_latest(ckpt_root)
+        except ckpt.NoUsableCheckpoint as e:
+            raise UserError(f"{e}; rerun without trainer.resume=auto (or with overwrite=true) to start over") from None
+        if resume_state is not None and resume_state.get("config_hash") != ident["config_hash"]:
+            raise mismatch_error(run_dir, "its checkpoint is", stored, ident)
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         for stale in ("metrics.json", "routing.json", "predictions.jsonl"):
@@ -105,24 +149,24 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
         _truncate_log(run_dir / "train_log.jsonl", resume_state["loop"]["step"] if resume_state else 0)
         if resume_state is None:
             shutil.rmtree(ckpt_root, ignore_errors=True)
+        atomic_write_json(run_dir / IDENTITY_FILE, ident)
+    hashes = {"config_hash": ident["config_hash"], "group_hash": ident["group_hash"]}
     try:
         b = build(cfg, acc)
         task, tok, model, method, bres = b["task"], b["tokenizer"], b["model"], b["method"], b["budget"]
         if main:
             (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-        data = task.load(
-            tok, cfg.paths.data_dir, int(cfg.model.max_length), tcfg.max_train_samples, tcfg.max_eval_samples
-        )
+        data = load_data(cfg, task, tok)
     except UserError as e:
         if main:  # nothing claims completion; sweeps and tables see why this run has no result
-            atomic_write_json(run_dir / "metrics.json", {"status": "failed", "error": f"UserError: {e}"})
+            atomic_write_json(run_dir / "metrics.json", {"status": "failed", **hashes, "error": f"UserError: {e}"})
         raise
     resolved = OmegaConf.to_container(cfg, resolve=True)
     counts = count_params(model, set(method.adapter_param_names(model)))
     log.info(
-        "%s | %s | %s | rank %d | adapter params %d (budget %s: target %s) | head %d | data %s",
+        "%s | %s | %s | rank %d | adapter params %d (budget %s: target %s) | head %d | select %s | data %s",
         task.name, method.cfg.name, cfg.model.name, bres.rank, counts["adapter_params"], bres.name,
-        bres.target_params, counts["head_params"], data.info.get("source"),
+        bres.target_params, counts["head_params"], tcfg.select, data.info.get("source"),
     )  # fmt: skip
     logger = RunLogger(run_dir, cfg.logger, resolved, enabled=main)
     base = {
@@ -131,20 +175,21 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
         "method": cfg.method.name,
         "model": cfg.model.name,
         "seed": int(cfg.seed),
+        **hashes,
         "budget": bres.as_dict(),
         "rank": bres.rank,
-        "num_experts": int(cfg.method.get("num_experts", 1) or 1),
+        "num_experts": method.cfg.num_experts,
         "tag": cfg.get("tag"),
         **counts,
         "data": data.info,
+        "device": device_name(acc),
     }
     t_start = time.time()
     try:
-        trainer = Trainer(
-            tcfg, acc, model, task, data, task.collator(tok), method.hooks(model), logger, int(cfg.seed), ckpt_root
-        )
+        trainer = Trainer(tcfg, acc, model, task, data, task.collator(tok), method.hooks(model), logger,
+                          int(cfg.seed), ckpt_root, config_hash=ident["config_hash"])  # fmt: skip
         if resume_state is not None:
-            log.info("resuming from %s/latest (step %d)", ckpt_root, resume_state["loop"]["step"])
+            log.info("resuming from %s (step %d)", ckpt_root, resume_state["loop"]["step"])
         result = trainer.fit(resume_state)
     except BaseException as e:
         if main:
@@ -157,11 +202,14 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
         "status": "completed",
         **base,
         "resumed_from_step": resume_state["loop"]["step"] if resume_state else None,
-        "eval": result.best_eval,
-        "final_eval": result.final_eval,
+        "report_split": task.report_split,
+        "eval": result.report,
+        "selection": result.selection,
+        "val": result.val,
         "main_metric": task.main_metric,
-        "best_step": result.best_step,
+        "best_step": result.selection["step"],
         "total_steps": result.total_steps,
+        "report_evals": result.report_evals,
         "train_runtime_s": round(result.train_runtime_s, 3),
         "train_samples_per_s": round(result.train_samples / max(result.train_runtime_s, 1e-9), 3),
         "wall_time_s": round(time.time() - t_start, 3),
@@ -171,14 +219,14 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
     }
     if main:
         method.save(acc.unwrap_model(model), run_dir / "adapter")
-        if result.best_predictions:
+        if result.predictions:
             with open(run_dir / "predictions.jsonl", "w") as f:
-                for row in result.best_predictions:
+                for row in result.predictions:
                     f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        if result.best_routing is not None:
-            atomic_write_json(run_dir / "routing.json", {"step": result.best_step, **result.best_routing})
+        if result.routing is not None:
+            atomic_write_json(run_dir / "routing.json", {"step": result.selection["step"], **result.routing})
         atomic_write_json(run_dir / "metrics.json", metrics)  # last: its presence with "completed" means done
-    logger.finish({"eval": result.best_eval})
+    logger.finish({"eval": result.report})
     return metrics
 
 
@@ -193,28 +241,3 @@ def _truncate_log(path: Path, keep_until: int) -> None:
         line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= keep_until
     ]
     path.write_text("".join(line + "\n" for line in keep))
-
-
-def reevaluate(run_dir: Path) -> dict[str, float]:
-    """Rebuild a finished run from its config.yaml and adapter/ and evaluate it again (no training)."""
-    run_dir = Path(run_dir)
-    cfg = OmegaConf.load(run_dir / "config.yaml")
-    with _unlocked(cfg):
-        cfg.budget = {"name": "none", "type": "none"}  # the rank is already resolved in config.yaml
-    tcfg = cfg.trainer
-    acc = Accelerator(
-        mixed_precision=resolve_mixed_precision(str(tcfg.mixed_precision), bool(tcfg.cpu)), cpu=bool(tcfg.cpu)
-    )
-    b = build(cfg, acc)
-    model = b["method"].load(b["model"], run_dir / "adapter")
-    data = b["task"].load(b["tokenizer"], cfg.paths.data_dir, int(cfg.model.max_length), 1, tcfg.max_eval_samples)
-    from torch.utils.data import DataLoader
-
-    collate = b["task"].collator(b["tokenizer"])
-    model = acc.prepare(model)
-    loaders = {
-        k: acc.prepare(DataLoader(v, batch_size=int(tcfg.eval_batch_size), shuffle=False, collate_fn=collate))
-        for k, v in data.evals.items()
-    }
-    hooks = b["method"].hooks(model)
-    return b["task"].evaluate(model, loaders, acc, on_batch=hooks.set_batch)

@@ -99,3 +99,42 @@ def _init_wandb(run_dir: Path, lcfg: Any, config: dict) -> Any:
         config=config,
         reinit="finish_previous",
     )
+
+
+class RunDirBusy(Exception):
+    """Another live process holds the run dir (its lock)."""
+
+
+class RunDirLock:
+    """An exclusive, non-blocking `flock` on `<run_dir>/.lock`, held for the whole run. The kernel drops it when the
+    process dies (even by SIGKILL), so a crashed run never leaves a stale lock behind."""
+
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / ".lock"
+        self.fd: int | None = None
+
+    def acquire(self) -> None:
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 64).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise RunDirBusy(
+                f"{self.path.parent} is in use by another process (pid {holder}); wait for it to finish, or use "
+                "another hydra.run.dir"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is not None:
+            import fcntl
+
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None

@@ -62,19 +62,29 @@ def resolve_mixed_precision(requested: str, cpu: bool) -> str:
     return requested
 
 
+SELECT_PROTOCOLS = ("val_from_train", "best_dev", "last")
+SELECT_METRICS = ("loss", "main")
+
+
 @dataclass
 class FitResult:
-    best_step: int
-    best_eval: dict[str, float]
-    final_eval: dict[str, float]
-    best_routing: dict[str, Any] | None
-    best_predictions: list[dict] | None
+    selection: dict[str, Any]  # protocol, split, metric, step, value
+    report: dict[str, float]  # metrics on the reported split (dev / test) with the selected weights
+    val: dict[str, float] | None  # validation metrics at the selected step
+    routing: dict[str, Any] | None
+    predictions: list[dict] | None
     total_steps: int
     train_runtime_s: float
     train_samples: int
+    report_evals: int  # how often the reported split was evaluated (test sets: exactly once)
 
 
 class Trainer:
+    """The loop. Selection (`trainer.select`): `val_from_train` scores the held-out validation split every
+    `eval_every` steps (`select_metric`: loss, as upstream, or the task's main metric), keeps the best weights, and
+    evaluates the reported split once at the end with them; `best_dev` (GLUE only: dev is the reported set) keeps the
+    best dev evaluation; `last` reports the final weights."""
+
     def __init__(
         self,
         tcfg: Any,
@@ -87,18 +97,27 @@ class Trainer:
         logger: RunLogger,
         seed: int,
         ckpt_root: Any = None,
+        config_hash: str | None = None,
     ):
         self.cfg, self.acc, self.task, self.hooks, self.logger, self.seed = tcfg, accelerator, task, hooks, logger, seed
-        self.ckpt_root = ckpt_root
-        self.gen = torch.Generator().manual_seed(
-            seed
-        )  # the shuffle order; its state at each epoch start is checkpointed
-        for key in ("batch_size", "eval_batch_size", "grad_accum"):
-            if int(tcfg[key]) <= 0:
-                raise UserError(f"trainer.{key}={tcfg[key]} must be a positive integer")
-        for key in ("max_steps", "epochs", "eval_every", "log_every", "routing_stats_every", "checkpoint_every"):
-            if tcfg.get(key) is not None and int(tcfg[key]) <= 0:
-                raise UserError(f"trainer.{key}={tcfg[key]} must be positive (or null)")
+        self.ckpt_root, self.config_hash = ckpt_root, config_hash
+        self.gen = torch.Generator().manual_seed(seed)  # the shuffle order; its state at each epoch start is checkpointed
+        self.select, self.select_metric = str(tcfg.select), str(tcfg.select_metric)
+        if self.select not in SELECT_PROTOCOLS:
+            raise UserError(f"trainer.select={self.select!r}; allowed: {list(SELECT_PROTOCOLS)}")
+        if self.select_metric not in SELECT_METRICS:
+            raise UserError(f"trainer.select_metric={self.select_metric!r}; allowed: {list(SELECT_METRICS)}")
+        if self.select == "best_dev" and task.report_split != "dev":
+            raise UserError(
+                f"trainer.select=best_dev would pick the checkpoint on {task.name}'s {task.report_split} set; "
+                "use trainer.select=val_from_train (or last)"
+            )
+        self.dev_curve = bool(tcfg.get("dev_curve", False))
+        if self.dev_curve and task.report_split != "dev":
+            raise UserError(f"trainer.dev_curve=true would evaluate {task.name}'s {task.report_split} set during training; "
+                            "test sets are evaluated once, at the end")  # fmt: skip
+        if self.select == "val_from_train" and data.val is None:
+            raise UserError("trainer.select=val_from_train needs a validation split: task.val_size must be positive")
         bs = int(tcfg.batch_size)
         if tcfg.group_by_length:
             train_dl = DataLoader(
@@ -116,10 +135,10 @@ class Trainer:
                 generator=self.gen,
                 num_workers=int(tcfg.num_workers),
             )
-        eval_dls = {
-            k: DataLoader(v, batch_size=int(tcfg.eval_batch_size), shuffle=False, collate_fn=collate)
-            for k, v in data.evals.items()
-        }
+
+        def eval_loader(split: Any) -> DataLoader:
+            return DataLoader(split, batch_size=int(tcfg.eval_batch_size), shuffle=False, collate_fn=collate)
+
         trainable = [p for p in model.parameters() if p.requires_grad]
         decay = [p for p in trainable if p.ndim >= 2]
         no_decay = [p for p in trainable if p.ndim < 2]
@@ -128,7 +147,9 @@ class Trainer:
             lr=float(tcfg.lr),
         )
         self.model, self.opt, self.train_dl = accelerator.prepare(model, opt, train_dl)
-        self.eval_dls = {k: accelerator.prepare(v) for k, v in eval_dls.items()}
+        self.eval_dls = {k: accelerator.prepare(eval_loader(v)) for k, v in data.evals.items()}
+        self.val_dl = accelerator.prepare(eval_loader(data.val)) if data.val is not None else None
+        self.val_eval_dls = {k: accelerator.prepare(eval_loader(v)) for k, v in (data.val_evals or {}).items()}
         self.trainable = trainable
         self.steps_per_epoch = max(1, math.ceil(len(self.train_dl) / int(tcfg.grad_accum)))
         self.total_steps = int(tcfg.max_steps) if tcfg.max_steps else int(tcfg.epochs) * self.steps_per_epoch
@@ -137,9 +158,12 @@ class Trainer:
         )
         self.sched = get_linear_schedule_with_warmup(self.opt, int(warm), self.total_steps)
         self.eval_every = int(tcfg.eval_every) if tcfg.eval_every else self.steps_per_epoch
+        self.report_evals = 0
 
     # -- evaluation -------------------------------------------------------------------------------------------------
     def evaluate(self) -> tuple[dict[str, float], dict[str, Any] | None]:
+        """The reported split(s), with routing statistics."""
+        self.report_evals += 1
         rec = self.hooks.routing
         if rec is not None:
             rec.start()
@@ -148,6 +172,25 @@ class Trainer:
         self.model.train()
         return metrics, routing
 
+    @torch.no_grad()
+    def validate(self) -> dict[str, float]:
+        """Validation loss (exact mean over the split's supervised tokens / examples), plus the task's metrics on the
+        validation split when they select."""
+        self.model.eval()
+        tot = torch.zeros((), dtype=torch.float64, device=self.acc.device)
+        cnt = torch.zeros((), dtype=torch.float64, device=self.acc.device)
+        for batch in self.val_dl:
+            self.hooks.set_batch(batch)
+            loss, weight = self.task.example_losses(self.model, batch)
+            loss, weight = self.acc.gather_for_metrics((loss, weight))
+            tot += loss.double().sum()
+            cnt += weight.double().sum()
+        out = {"loss": float(tot / cnt.clamp_min(1))}
+        if self.select_metric == "main":
+            out.update(self.task.evaluate(self.model, self.val_eval_dls, self.acc, on_batch=self.hooks.set_batch))
+        self.model.train()
+        return out
+
     def _snapshot(self) -> dict[str, torch.Tensor]:
         return {str(i): p.detach().cpu().clone() for i, p in enumerate(self.trainable)}
 
@@ -155,6 +198,33 @@ class Trainer:
         with torch.no_grad():
             for i, p in enumerate(self.trainable):
                 p.copy_(snap[str(i)].to(p.device, p.dtype))
+
+    def _score(self, metrics: dict[str, float]) -> float | None:
+        """Higher is better: the negated loss, or the main metric."""
+        if self.select_metric == "loss" and self.select == "val_from_train":
+            return -metrics["loss"]
+        return metrics.get(self.task.main_metric)
+
+    def _eval_step(self, v: dict[str, Any], step: int) -> None:
+        rec: dict[str, Any] = {"step": step, "epoch": v["epoch"]}
+        score, report, routing = None, None, None
+        if self.select == "val_from_train":
+            rec["val"] = self.validate()
+            score = self._score(rec["val"])
+        if self.select == "best_dev" or self.dev_curve:
+            report, routing = self.evaluate()
+            rec.update(split=self.task.report_split, eval=report)
+            if routing is not None:
+                rec["routing"] = routing["aggregate"]
+            if self.select == "best_dev":
+                score = self._score(report)
+        self.logger.log(rec)
+        if self.select != "last" and is_better(score, v["best_score"]):
+            v.update(best_score=score, best_step=step, best_val=rec.get("val"), best_snap=self._snapshot())
+            if self.select == "best_dev":
+                v.update(best_eval=report, best_routing=routing, best_preds=getattr(self.task, "last_predictions", None))
+        if report is not None:
+            v["last_eval"] = report
 
     # -- training ---------------------------------------------------------------------------------------------------
     def _state(self, v: dict[str, Any]) -> dict[str, Any]:
@@ -165,6 +235,7 @@ class Trainer:
             "scheduler": self.sched.state_dict(),
             "rng": ckpt.rng_state(),
             "loop": {k: v[k] for k in LOOP_KEYS},
+            "config_hash": self.config_hash,
         }
 
     def _check_finite(self, run_loss: torch.Tensor, step: int) -> None:
@@ -173,14 +244,13 @@ class Trainer:
 
     def fit(self, resume: dict[str, Any] | None = None) -> FitResult:
         cfg, acc = self.cfg, self.acc
-        main = self.task.main_metric
         log_every = int(cfg.log_every)
         stats_every = int(cfg.routing_stats_every) if cfg.routing_stats_every else 0
         ckpt_every = int(cfg.checkpoint_every) if cfg.get("checkpoint_every") else 0
         rec = self.hooks.routing
-        v: dict[str, Any] = dict(step=0, samples=0, epoch=0, batch_in_epoch=0, train_time=0.0, best_val=None, best_step=0,
-                                 best_eval={}, best_routing=None, best_snap=None, best_preds=None, last_eval={},
-                                 run_loss=0.0, n_micro=0, epoch_gen_state=None)  # fmt: skip
+        v: dict[str, Any] = dict(step=0, samples=0, epoch=0, batch_in_epoch=0, train_time=0.0, best_score=None, best_step=0,
+                                 best_val=None, best_eval=None, best_routing=None, best_snap=None, best_preds=None,
+                                 last_eval=None, run_loss=0.0, n_micro=0, epoch_gen_state=None)  # fmt: skip
         if resume is not None:
             with torch.no_grad():
                 for p, t in zip(self.trainable, resume["trainable"]):
@@ -208,11 +278,14 @@ class Trainer:
                     v["epoch_gen_state"] = self.gen.get_state()
                 for batch in dl:
                     v["batch_in_epoch"] += 1
-                    stats_now = stats_every and rec is not None and (v["step"] + 1) % stats_every == 0
-                    if stats_now:
-                        rec.start()
                     self.hooks.set_batch(batch)
                     with acc.accumulate(self.model):
+                        # decided inside accumulate(), where sync_gradients says whether this micro-batch ends the
+                        # optimizer step: one routing snapshot per optimizer step, on its last micro-batch
+                        stats_now = bool(stats_every and rec is not None and acc.sync_gradients
+                                         and (v["step"] + 1) % stats_every == 0)  # fmt: skip
+                        if stats_now:
+                            rec.start()
                         loss = self.model(**batch).loss
                         aux = self.hooks.aux_loss()
                         acc.backward(loss + aux if aux is not None else loss)
@@ -234,31 +307,18 @@ class Trainer:
                     if step % log_every == 0 or step == self.total_steps:
                         self._check_finite(run_loss, step)
                         mean_loss = acc.reduce(run_loss, "mean").item() / v["n_micro"]
-                        rec_ = {
-                            "step": step,
-                            "epoch": v["epoch"],
-                            "loss": mean_loss,
-                            "lr": self.sched.get_last_lr()[0],
-                            "samples": v["samples"],
-                        }
-                        self.logger.log(rec_)
+                        self.logger.log({"step": step, "epoch": v["epoch"], "loss": mean_loss,
+                                         "lr": self.sched.get_last_lr()[0], "samples": v["samples"]})  # fmt: skip
                         post["loss"] = f"{mean_loss:.4f}"
                         pbar.set_postfix(post)
                         run_loss.zero_()
                         v["n_micro"] = 0
                     if step % self.eval_every == 0 or step == self.total_steps:
                         v["train_time"] += time.perf_counter() - t0
-                        last_eval, routing = self.evaluate()
-                        v["last_eval"] = last_eval
-                        rec_ = {"step": step, "epoch": v["epoch"], "eval": last_eval}
-                        if routing is not None:
-                            rec_["routing"] = routing["aggregate"]
-                        self.logger.log(rec_)
-                        if is_better(last_eval.get(main), v["best_val"]):
-                            v.update(best_val=last_eval[main], best_step=step, best_eval=last_eval, best_routing=routing,
-                                     best_snap=self._snapshot(), best_preds=getattr(self.task, "last_predictions", None))  # fmt: skip
-                        post[main] = f"{last_eval.get(main, float('nan')):.4f}"
-                        pbar.set_postfix(post)
+                        self._eval_step(v, step)
+                        if v["best_score"] is not None:
+                            post["best"] = f"{v['best_score']:.4f}@{v['best_step']}"
+                            pbar.set_postfix(post)
                         t0 = time.perf_counter()
                     want_ckpt = self.ckpt_root is not None and ((ckpt_every and step % ckpt_every == 0) or stop.signal)
                     if want_ckpt and step < self.total_steps:
@@ -281,27 +341,37 @@ class Trainer:
             stop.restore()
             pbar.close()
         v["train_time"] += time.perf_counter() - t0
+        return self._finish(v)
+
+    def _finish(self, v: dict[str, Any]) -> FitResult:
+        """Restore the selected weights and evaluate the reported split with them (once, unless best_dev already did)."""
         step = v["step"]
-        best_snap, best_step, best_eval, best_preds = v["best_snap"], v["best_step"], v["best_eval"], v["best_preds"]
-        if best_snap is None:  # metric undefined at every eval: keep the final weights and report the final eval
-            best_step, best_eval = step, v["last_eval"]
-            best_preds = getattr(self.task, "last_predictions", None)
-        elif best_step != step:
-            self._restore(best_snap)  # the saved adapter reproduces the reported (best-step) metrics
-        return FitResult(
-            best_step,
-            best_eval,
-            v["last_eval"],
-            v["best_routing"],
-            best_preds,
-            step,
-            v["train_time"],
-            v["samples"],
-        )
+        selected = v["best_step"] if v["best_snap"] is not None else step  # metric undefined at every eval: the last
+        if selected != step:
+            self._restore(v["best_snap"])  # the saved adapter reproduces the reported metrics
+        if self.select == "best_dev" and v["best_eval"] is not None:
+            report, routing, preds = v["best_eval"], v["best_routing"], v["best_preds"]
+        elif self.select == "best_dev" and v["last_eval"] is not None:
+            report, routing, preds = v["last_eval"], None, getattr(self.task, "last_predictions", None)
+        else:
+            report, routing = self.evaluate()
+            preds = getattr(self.task, "last_predictions", None)
+            rec_ = {"step": step, "split": self.task.report_split, "report": report, "selected_step": selected}
+            self.logger.log(rec_)
+        split = {"val_from_train": "val", "best_dev": "dev", "last": None}[self.select]
+        metric = None if self.select == "last" else (self.select_metric if split == "val" else self.task.main_metric)
+        if metric == "main":
+            metric = self.task.main_metric
+        value = v["best_score"] if self.select != "last" else None
+        if metric == "loss" and value is not None:
+            value = -value
+        selection = {"protocol": self.select, "split": split, "metric": metric, "step": selected, "value": value}
+        return FitResult(selection, report, v["best_val"], routing, preds, step, v["train_time"], v["samples"],
+                         self.report_evals)  # fmt: skip
 
 
-LOOP_KEYS = ("step", "samples", "epoch", "batch_in_epoch", "train_time", "best_val", "best_step", "best_eval", "best_routing",
-             "best_snap", "best_preds", "last_eval", "run_loss", "n_micro", "epoch_gen_state")  # fmt: skip
+LOOP_KEYS = ("step", "samples", "epoch", "batch_in_epoch", "train_time", "best_score", "best_step", "best_val", "best_eval",
+             "best_routing", "best_snap", "best_preds", "last_eval", "run_loss", "n_micro", "epoch_gen_state")  # fmt: skip
 
 
 class TrainingInterrupted(KeyboardInterrupt):

@@ -1,4 +1,5 @@
-"""Method registry: `method.name` picks the class. MoELoRA is TalkLoRA's layer with communication off."""
+"""Method registry: `method.name` picks (method class, typed config class). MoELoRA is TalkLoRA's layer with
+communication off. Adding a method = one module + one config file in conf/method + one line here."""
 
 from __future__ import annotations
 
@@ -6,16 +7,29 @@ from typing import Any
 
 from ..errors import UserError
 from .base import Method, TargetLayer, find_target_layers
+from .config import LoRAConfig, MethodConfig, MixtureConfig
 from .lora import LoRAMethod
 from .talklora import MixtureMethod, TalkLoRALinear
 
-METHODS: dict[str, type[Method]] = {"lora": LoRAMethod, "moelora": MixtureMethod, "talklora": MixtureMethod}
+METHODS: dict[str, tuple[type[Method], type[MethodConfig]]] = {
+    "lora": (LoRAMethod, LoRAConfig),
+    "moelora": (MixtureMethod, MixtureConfig),
+    "talklora": (MixtureMethod, MixtureConfig),
+}
+
+
+def method_config(cfg: Any) -> MethodConfig:
+    """The typed, validated config of `cfg` (a `method` DictConfig or a dict)."""
+    name = cfg.get("name") if hasattr(cfg, "get") else None
+    if name not in METHODS:
+        raise UserError(f"method.name={name!r} unknown; valid: {sorted(METHODS)}")
+    return METHODS[name][1].from_dict(cfg)
 
 
 def build_method(cfg: Any) -> Method:
-    if cfg.name not in METHODS:
-        raise UserError(f"method.name={cfg.name!r} unknown; valid: {sorted(METHODS)}")
-    return METHODS[cfg.name](cfg)
+    typed = cfg if isinstance(cfg, MethodConfig) else method_config(cfg)
+    return METHODS[typed.name][0](typed)
 
 
-__all__ = ["METHODS", "Method", "TargetLayer", "TalkLoRALinear", "build_method", "find_target_layers"]
+__all__ = ["METHODS", "Method", "MethodConfig", "TargetLayer", "TalkLoRALinear", "build_method", "find_target_layers",
+           "method_config"]  # fmt: skip

@@ -19,9 +19,9 @@ class LoRAMethod(Method):
         from peft import LoraConfig, TaskType
 
         return LoraConfig(
-            r=int(self.cfg.rank),
-            lora_alpha=float(self.cfg.alpha),
-            lora_dropout=float(self.cfg.dropout),
+            r=self.cfg.rank,
+            lora_alpha=self.cfg.resolved_alpha(),
+            lora_dropout=self.cfg.dropout,
             target_modules=list(targets),
             modules_to_save=list(head_modules) or None,
             task_type=TaskType.SEQ_CLS if task_kind == "seq_cls" else TaskType.CAUSAL_LM,

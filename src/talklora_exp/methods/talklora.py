@@ -203,20 +203,12 @@ class MixtureMethod(Method):
 
     def _layer_kwargs(self) -> dict[str, Any]:
         c = self.cfg
-        return dict(
-            num_experts=int(c.num_experts),
-            dropout=float(c.dropout),
-            talk=str(c.talk),
-            expert_mixer=bool(c.expert_mixer),
-            router_input=str(c.router_input),
-            top_k=c.top_k,
-            scaling=bool(c.scaling),
-            alpha=float(c.alpha),
-        )
+        return dict(num_experts=c.num_experts, dropout=c.dropout, talk=c.talk, expert_mixer=c.expert_mixer,
+                    router_input=c.router_input, top_k=c.top_k, scaling=c.scaling, alpha=c.alpha)  # fmt: skip
 
     def param_count(self, layers: list[TargetLayer], rank: int) -> int:
         """Adapter parameters by formula (tests check this against the instantiated modules)."""
-        c, E = self.cfg, int(self.cfg.num_experts)
+        c, E = self.cfg, self.cfg.num_experts
         k = rank // E
         n = 0
         for t in layers:
@@ -231,7 +223,7 @@ class MixtureMethod(Method):
 
     def inject(self, model: nn.Module, targets: list[str], head_modules: list[str], task_kind: str) -> nn.Module:
         layers = find_target_layers(model, targets)
-        rank, kw = int(self.cfg.rank), self._layer_kwargs()
+        rank, kw = self.cfg.rank, self._layer_kwargs()
         if rank % kw["num_experts"]:
             raise UserError(f"method.rank={rank} is not divisible by method.num_experts={kw['num_experts']}")
         shared = None
@@ -248,7 +240,7 @@ class MixtureMethod(Method):
             key = t.proj_type.replace(".", "__").replace("*", "N") if shared is not None else None
             new = TalkLoRALinear(getattr(parent, child), rank, shared_b=shared, shared_key=key, **kw)
             new.name = t.path
-            new.balance_weight = float(self.cfg.get("balance_loss", 0.0) or 0.0)
+            new.balance_weight = self.cfg.balance_loss
             setattr(parent, child, new)
         mark_trainable(model, list(self.keep), head_modules)
         return model
@@ -257,7 +249,7 @@ class MixtureMethod(Method):
         return [m for m in model.modules() if isinstance(m, TalkLoRALinear)]
 
     def hooks(self, model: nn.Module) -> TrainHooks:
-        return MixtureHooks(self.layers(model), float(self.cfg.get("balance_loss", 0.0) or 0.0))
+        return MixtureHooks(self.layers(model), self.cfg.balance_loss)
 
     def adapter_param_names(self, model: nn.Module) -> list[str]:
         return [n for n, p in model.named_parameters() if any(k in n for k in self.keep)]
@@ -267,10 +259,8 @@ class MixtureMethod(Method):
         out_dir.mkdir(parents=True, exist_ok=True)
         state = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
         save_file(state, str(out_dir / "adapter_model.safetensors"))
-        from omegaconf import OmegaConf
-
-        cfg = OmegaConf.to_container(self.cfg, resolve=True) if not isinstance(self.cfg, dict) else dict(self.cfg)
-        (out_dir / "adapter_config.json").write_text(json.dumps({"method": cfg, "tensors": sorted(state)}, indent=2))
+        meta = {"method": self.cfg.as_dict(), "tensors": sorted(state)}
+        (out_dir / "adapter_config.json").write_text(json.dumps(meta, indent=2))
 
     def load(self, model: nn.Module, in_dir: Path) -> nn.Module:
         state = load_file(str(in_dir / "adapter_model.safetensors"))

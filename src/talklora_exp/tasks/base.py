@@ -1,11 +1,21 @@
-"""What every task provides to the shared trainer: tokenized splits, a collator and an evaluate()."""
+"""What every task provides to the shared trainer: tokenized splits, a collator, a per-example loss and evaluate().
+
+Three named splits: `train`; `val`, held out of the training data (`task.val_size` examples, `task.val_seed`) and used
+only for checkpoint selection; and the reported split(s) in `evals` (GLUE dev, the generation test sets).
+"""
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
+import torch
 from torch.utils.data import Dataset
+
+from ..errors import UserError
+
+T = TypeVar("T")
 
 
 class Split(Dataset):
@@ -28,8 +38,22 @@ class Split(Dataset):
 @dataclass
 class TaskData:
     train: Split
-    evals: dict[str, Split]  # metric-name prefix -> split ("" for a single dev set)
+    evals: dict[str, Split]  # the reported split(s): metric-name prefix -> split ("" for a single set)
     info: dict[str, Any] = field(default_factory=dict)
+    val: Split | None = None  # held out of train, training format (validation loss)
+    val_evals: dict[str, Split] | None = None  # the same examples in evaluate() format (validation metric)
+
+
+def holdout(items: list[T], val_size: int, seed: int) -> tuple[list[T], list[T]]:
+    """Shuffle with `random.Random(seed)` and keep the last `val_size` items apart: upstream's split
+    (`random.seed(58); random.shuffle(data); train, val = data[:-120], data[-120:]`), exactly."""
+    if val_size <= 0:
+        return list(items), []
+    if val_size >= len(items):
+        raise UserError(f"task.val_size={val_size} leaves no training data ({len(items)} training examples)")
+    shuffled = list(items)
+    random.Random(seed).shuffle(shuffled)
+    return shuffled[:-val_size], shuffled[-val_size:]
 
 
 class Task:
@@ -38,6 +62,7 @@ class Task:
     kind: str = "seq_cls"
     num_labels: int = 0
     is_regression: bool = False
+    report_split: str = "dev"  # what `evals` holds; "test" splits may never be evaluated before the end
 
     def __init__(self, cfg: Any):
         self.cfg = cfg
@@ -50,8 +75,20 @@ class Task:
         return DataCollatorWithPadding(tokenizer)
 
     def load(
-        self, tokenizer: Any, data_dir: str | None, max_length: int, max_train: int | None, max_eval: int | None
+        self,
+        tokenizer: Any,
+        data_dir: str | None,
+        max_length: int,
+        max_train: int | None,
+        max_eval: int | None,
+        val_size: int = 0,
+        val_seed: int = 58,
     ) -> TaskData:
+        raise NotImplementedError
+
+    def example_losses(self, model: Any, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-example summed loss and its weight (tokens for LMs, 1 for classifiers), so the validation loss is an
+        exact mean over the split whatever the batching and the number of processes."""
         raise NotImplementedError
 
     def evaluate(self, model: Any, loaders: dict[str, Any], accelerator: Any, on_batch: Any = None) -> dict[str, float]:

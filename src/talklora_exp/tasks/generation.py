@@ -16,7 +16,7 @@ import torch
 
 from ..data import describe_search, find_local, iter_lines
 from ..errors import UserError
-from .base import Split, Task, TaskData
+from .base import Split, Task, TaskData, holdout
 
 IGNORE = -100
 
@@ -32,6 +32,7 @@ ANSWER_PATTERNS: dict[str, str] = {
     "winogrande": r"option1|option2",
 }
 COMMONSENSE_TASKS = list(ANSWER_PATTERNS)
+ANSWER_OPTIONS: dict[str, list[str]] = {t: p.split("|") for t, p in ANSWER_PATTERNS.items()}
 TRAIN_170K = "commonsense_170k.json"
 
 
@@ -102,13 +103,51 @@ def read_json_records(path: Path, required: tuple[str, ...]) -> list[dict]:
     return recs
 
 
+def cut_generation(text: str, eos: str | None, pad: str | None, cut_at: list[str]) -> str:
+    """Upstream's post-processing of decoded text: cut at the first EOS, drop pad text, then cut at each marker in
+    `cut_at` ("Q:", "R:"). The EOS cut comes first so a tokenizer whose pad token *is* its EOS (SmolLM2) still stops
+    at the end of the answer (upstream removes pad text first, which would erase that EOS)."""
+    if eos and eos in text:
+        text = text[: text.index(eos)]
+    if pad:
+        text = text.replace(pad, "")
+    for marker in cut_at:
+        if marker in text:
+            text = text[: text.index(marker)]
+    return text
+
+
+def truncate(ids: list[int], max_len: int, side: str) -> list[int]:
+    if len(ids) <= max_len:
+        return ids
+    return ids[-max_len:] if side == "left" else ids[:max_len]
+
+
+def check_answers(path: Path, task: str, recs: list[dict]) -> list[dict]:
+    """Every gold answer must be one of the task's options, or no prediction could ever match it."""
+    allowed = ANSWER_OPTIONS[task]
+    for i, r in enumerate(recs):
+        if r["answer"] not in allowed:
+            raise UserError(f"{path} record {i}: answer {r['answer']!r} is not one of {task}'s options {allowed}")
+    return recs
+
+
 class GenerationTask(Task):
+    """Upstream's sequence layout (`dataset/format_inputs.py`, template_type 4): the prompt (no BOS) cut to
+    `task.prompt_max_length`, then the stripped response cut to `task.response_max_length` (no EOS), loss on the
+    response only. Test prompts get BOS when the tokenizer has one. Each of these is a `task.*` flag."""
+
     kind = "causal"
+    report_split = "test"
 
     def __init__(self, cfg: Any):
         super().__init__(cfg)
         self.templates = cfg.prompt
         self.train_on_prompt = bool(cfg.get("train_on_prompt", False))
+        self.prompt_max = int(cfg.prompt_max_length)
+        self.response_max = int(cfg.response_max_length)
+        self.prompt_side = str(cfg.prompt_truncation)
+        self.train_bos, self.train_eos, self.test_bos = bool(cfg.train_bos), bool(cfg.train_eos), bool(cfg.test_bos)
         self.gen = None  # set by run.py from cfg.eval
         self.last_predictions: list[dict] = []
 
@@ -117,45 +156,77 @@ class GenerationTask(Task):
         """(train records, {eval prefix: records}, info); records have instruction, input, output, answer, id."""
         raise NotImplementedError
 
-    def encode_train(self, tokenizer: Any, rec: dict, max_length: int) -> dict:
-        """prompt + response + EOS; labels are -100 on exactly the prompt tokens (unless train_on_prompt)."""
+    def prompt_ids(self, tokenizer: Any, rec: dict, bos: bool) -> list[int]:
         prompt = render_prompt(self.templates, rec["instruction"], rec.get("input", ""))
-        p_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
-        r_ids = tokenizer(rec["output"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        ids = (p_ids + r_ids)[:max_length]
-        labels = list(ids) if self.train_on_prompt else ([IGNORE] * len(p_ids) + r_ids)[:max_length]
+        ids = truncate(tokenizer(prompt, add_special_tokens=False)["input_ids"], self.prompt_max, self.prompt_side)
+        return ([tokenizer.bos_token_id] if bos and tokenizer.bos_token_id is not None else []) + ids
+
+    def encode_train(self, tokenizer: Any, rec: dict) -> dict:
+        """prompt + response; labels are -100 on exactly the prompt tokens (unless train_on_prompt)."""
+        p_ids = self.prompt_ids(tokenizer, rec, self.train_bos)
+        r_ids = tokenizer(rec["output"].strip(), add_special_tokens=False)["input_ids"][: self.response_max]
+        if self.train_eos:
+            r_ids = r_ids + [tokenizer.eos_token_id]
+        ids = p_ids + r_ids
+        labels = list(ids) if self.train_on_prompt else [IGNORE] * len(p_ids) + r_ids
         return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
 
+    def encode_eval(self, tokenizer: Any, rec: dict) -> dict:
+        prompt = render_prompt(self.templates, rec["instruction"], rec.get("input", ""))
+        return {**rec, "prompt": prompt, "prompt_ids": self.prompt_ids(tokenizer, rec, self.test_bos)}
+
     def load(
-        self, tokenizer: Any, data_dir: str | None, max_length: int, max_train: int | None, max_eval: int | None
+        self,
+        tokenizer: Any,
+        data_dir: str | None,
+        max_length: int,
+        max_train: int | None,
+        max_eval: int | None,
+        val_size: int = 0,
+        val_seed: int = 58,
     ) -> TaskData:
         train, evals, info = self.records(data_dir)
+        train, val = holdout(train, val_size, val_seed)
         train = train[:max_train] if max_train else train
+        val = val[:max_eval] if max_eval else val
         evals = {k: (v[:max_eval] if max_eval else v) for k, v in evals.items()}
-        feats = [self.encode_train(tokenizer, r, max_length) for r in train]
-        # A response cut away entirely by max_length leaves no supervised token (all -100): its loss would be NaN.
+        feats = [self.encode_train(tokenizer, r) for r in train]
+        # A response that tokenizes to nothing leaves no supervised token (all -100): its loss would be NaN.
         kept = [f for f in feats if any(t != IGNORE for t in f["labels"])]
         if not kept:
-            raise UserError(
-                f"every training example's response is truncated away at model.max_length={max_length}; raise it"
-            )
+            raise UserError(f"no training example has a response token (task.response_max_length={self.response_max})")
         dropped, feats = len(feats) - len(kept), kept
-        eval_splits = {k: Split([{**r, "prompt": render_prompt(self.templates, r["instruction"], r.get("input", ""))} for r in v])
-                       for k, v in evals.items()}  # fmt: skip
         info = {
             **info,
             "n_train": len(feats),
+            "n_val": len(val),
             "dropped_no_target": dropped,
             "n_eval": {k or "test": len(v) for k, v in evals.items()},
         }
-        return TaskData(train=Split(feats), evals=eval_splits, info=info)
+        val_data = None
+        if val:
+            val_data = {"": Split([self.encode_eval(tokenizer, r) for r in val])}
+        return TaskData(
+            train=Split(feats),
+            evals={k: Split([self.encode_eval(tokenizer, r) for r in v]) for k, v in evals.items()},
+            info=info,
+            val=Split([self.encode_train(tokenizer, r) for r in val]) if val else None,
+            val_evals=val_data,
+        )
 
     def collator(self, tokenizer: Any) -> Any:
         pad = tokenizer.pad_token_id
 
         def collate(batch: list[dict]) -> dict:
-            if "labels" not in batch[0]:  # eval records pass through untouched; generation tokenizes prompts itself
-                return {"records": batch}
+            if "labels" not in batch[0]:  # eval records: prompts left-padded for generation, records kept for scoring
+                n = max(len(b["prompt_ids"]) for b in batch)
+                return {
+                    "input_ids": torch.tensor([[pad] * (n - len(b["prompt_ids"])) + b["prompt_ids"] for b in batch]),
+                    "attention_mask": torch.tensor(
+                        [[0] * (n - len(b["prompt_ids"])) + [1] * len(b["prompt_ids"]) for b in batch]
+                    ),
+                    "records": [{k: v for k, v in b.items() if k != "prompt_ids"} for b in batch],
+                }
             n = max(len(b["input_ids"]) for b in batch)
             out = {
                 "input_ids": torch.tensor([b["input_ids"] + [pad] * (n - len(b["input_ids"])) for b in batch]),
@@ -168,13 +239,22 @@ class GenerationTask(Task):
 
         return collate
 
+    def example_losses(self, model: Any, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed next-token cross-entropy over each example's supervised tokens, and their count."""
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
+        labels = batch["labels"][:, 1:]
+        tok = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE, reduction="none"
+        ).view(labels.shape)
+        return tok.sum(1), (labels != IGNORE).sum(1).to(tok.dtype)
+
     # -- evaluation -----------------------------------------------------------------------------------------------
     def extract(self, prefix: str, text: str) -> str:
         raise NotImplementedError
 
     @torch.no_grad()
     def evaluate(self, model: Any, loaders: dict[str, Any], accelerator: Any, on_batch: Any = None) -> dict[str, float]:
-        """Greedy (or preset) batched generation with left padding; accuracy per eval set; predictions kept."""
+        """Batched generation on left-padded prompts (decoding from `eval`); accuracy per eval set; predictions kept."""
         tok = self.tokenizer
         gen_model = accelerator.unwrap_model(model)
         gen_model.eval()
@@ -183,30 +263,26 @@ class GenerationTask(Task):
                   pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)  # fmt: skip
         if g.do_sample or int(g.num_beams) > 1:
             kw.update(temperature=float(g.temperature), top_p=float(g.top_p), top_k=int(g.top_k))
+        cut_at = list(g.get("cut_at") or [])
         metrics: dict[str, float] = {}
         preds_all: list[dict] = []
-        old_side = tok.padding_side
-        tok.padding_side = "left"
-        try:
-            for prefix, loader in loaders.items():
-                rows: list[dict] = []
-                for batch in loader:
-                    recs = batch["records"]
-                    enc = tok([r["prompt"] for r in recs], return_tensors="pt", padding=True).to(accelerator.device)
-                    if on_batch is not None:
-                        on_batch({"attention_mask": enc["attention_mask"]})
-                    out = gen_model.generate(**enc, **kw)
-                    texts = tok.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
-                    for r, t in zip(recs, texts):
-                        pred = self.extract(prefix, t)
-                        rows.append({"id": r["id"], "task": r.get("task", self.name), "prompt": r["prompt"], "generated": t,
-                                     "extracted": pred, "gold": r["answer"], "correct": pred == r["answer"]})  # fmt: skip
-                rows = accelerator.gather_for_metrics(rows, use_gather_object=True)
-                name = f"{prefix}accuracy"
-                metrics[name] = sum(r["correct"] for r in rows) / max(len(rows), 1)
-                preds_all += rows
-        finally:
-            tok.padding_side = old_side
+        for prefix, loader in loaders.items():
+            rows: list[dict] = []
+            for batch in loader:
+                recs = batch["records"]
+                enc = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+                if on_batch is not None:
+                    on_batch({"attention_mask": enc["attention_mask"]})
+                out = gen_model.generate(**enc, **kw)
+                raw = tok.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=False)
+                texts = [cut_generation(t, tok.eos_token, tok.pad_token, cut_at) for t in raw]
+                for r, t in zip(recs, texts):
+                    pred = self.extract(prefix, t)
+                    rows.append({"id": r["id"], "task": r.get("task", self.name), "prompt": r["prompt"], "generated": t,
+                                 "extracted": pred, "gold": r["answer"], "correct": pred == r["answer"]})  # fmt: skip
+            rows = accelerator.gather_for_metrics(rows, use_gather_object=True)
+            metrics[f"{prefix}accuracy"] = sum(r["correct"] for r in rows) / max(len(rows), 1)
+            preds_all += rows
         if len(loaders) > 1:  # commonsense/all: the paper's average over tasks
             metrics["accuracy"] = sum(metrics.values()) / len(metrics)
         self.last_predictions = preds_all
@@ -233,20 +309,21 @@ class CommonsenseTask(GenerationTask):
         if root is None:
             raise UserError(f"commonsense: no data folder; {describe_search(data_dir, 'commonsense')}")
         if (root / TRAIN_170K).exists():
-            train = read_json_records(root / TRAIN_170K, req)
+            train = [{**r, "id": f"170k-{i}"} for i, r in enumerate(read_json_records(root / TRAIN_170K, req))]
             source = str(root / TRAIN_170K)
         else:
             files = [root / t / "train.json" for t in COMMONSENSE_TASKS if (root / t / "train.json").exists()]
             if not files:
                 raise UserError(f"commonsense: no training data in {root} ({TRAIN_170K} or <task>/train.json)")
-            train = [r for p in files for r in read_json_records(p, req)]
+            train = [{**r, "id": f"{p.parent.name}-train-{i}", "task": p.parent.name} for p in files
+                     for i, r in enumerate(check_answers(p, p.parent.name, read_json_records(p, req)))]  # fmt: skip
             source = "per-task train files: " + ", ".join(p.parent.name for p in files)
         evals = {}
         for t in self.eval_tasks:
             p = root / t / "test.json"
             if not p.exists():
                 raise UserError(f"commonsense/{t}: {p} not found")
-            recs = read_json_records(p, req)
+            recs = check_answers(p, t, read_json_records(p, req))
             evals[f"{t}/" if self.name == "all" else ""] = [
                 {**r, "id": f"{t}-{i}", "task": t} for i, r in enumerate(recs)
             ]

@@ -14,7 +14,7 @@ import torch
 from ..data import describe_search, find_local, iter_lines
 from ..errors import UserError
 from . import metrics as M
-from .base import Split, Task, TaskData
+from .base import Split, Task, TaskData, holdout
 
 
 @dataclass(frozen=True)
@@ -27,6 +27,7 @@ class GlueSpec:
     dev_files: dict[str, str] = field(default_factory=lambda: {"": "dev.tsv"})
     hub_text: tuple[str, ...] = ("sentence",)
     num_fields: int | None = None  # expected fields per row where fixed
+    label_range: tuple[float, float] | None = None  # regression labels must lie in it
 
 
 GLUE_SPECS: dict[str, GlueSpec] = {
@@ -34,7 +35,9 @@ GLUE_SPECS: dict[str, GlueSpec] = {
     "cola": GlueSpec("CoLA", (3,), 1, ("0", "1"), header=False, num_fields=4),
     "sst2": GlueSpec("SST-2", ("sentence",), "label", ("0", "1")),
     "mrpc": GlueSpec("MRPC", ("#1 String", "#2 String"), "Quality", ("0", "1"), hub_text=("sentence1", "sentence2")),
-    "stsb": GlueSpec("STS-B", ("sentence1", "sentence2"), "score", None, hub_text=("sentence1", "sentence2")),
+    "stsb": GlueSpec(
+        "STS-B", ("sentence1", "sentence2"), "score", None, hub_text=("sentence1", "sentence2"), label_range=(0.0, 5.0)
+    ),
     "qqp": GlueSpec("QQP", ("question1", "question2"), "is_duplicate", ("0", "1"), hub_text=("question1", "question2")),
     "mnli": GlueSpec(
         "MNLI",
@@ -99,6 +102,9 @@ def read_glue_tsv(path: Path, spec: GlueSpec) -> list[Example]:
                 label = float(raw)
             except ValueError:
                 raise UserError(f"{path}:{lineno}: label {raw!r} is not a number (regression task)") from None
+            lo, hi = spec.label_range or (float("-inf"), float("inf"))
+            if not lo <= label <= hi:  # also rejects nan
+                raise UserError(f"{path}:{lineno}: label {raw!r} outside the task's range [{lo:g}, {hi:g}]")
         out.append(Example(tuple(parts[idx[c]] for c in spec.text_cols), label))
     if not out:
         raise UserError(f"{path}: no data rows")
@@ -160,11 +166,20 @@ class GlueTask(Task):
         return self.spec.labels is None
 
     def load(
-        self, tokenizer: Any, data_dir: str | None, max_length: int, max_train: int | None, max_eval: int | None
+        self,
+        tokenizer: Any,
+        data_dir: str | None,
+        max_length: int,
+        max_train: int | None,
+        max_eval: int | None,
+        val_size: int = 0,
+        val_seed: int = 58,
     ) -> TaskData:
         loaded = _load_local(self.name, self.spec, data_dir) or _load_hub(self.name, self.spec, data_dir)
         train, devs, source = loaded
+        train, val = holdout(train, val_size, val_seed)
         train = train[:max_train] if max_train else train
+        val = val[:max_eval] if max_eval else val
         devs = {k: (v[:max_eval] if max_eval else v) for k, v in devs.items()}
 
         def encode(exs: list[Example]) -> Split:
@@ -175,11 +190,25 @@ class GlueTask(Task):
                 f["labels"] = torch.tensor(e.label, dtype=dtype)
             return Split(feats)
 
+        val_split = encode(val) if val else None
         return TaskData(
             train=encode(train),
             evals={k: encode(v) for k, v in devs.items()},
-            info={"source": source, "n_train": len(train), "n_eval": {k or "dev": len(v) for k, v in devs.items()}},
+            info={"source": source, "n_train": len(train), "n_val": len(val),
+                  "n_eval": {k or "dev": len(v) for k, v in devs.items()}},  # fmt: skip
+            val=val_split,
+            val_evals={"": val_split} if val_split is not None else None,
         )
+
+    def example_losses(self, model: Any, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cross-entropy (classification) or squared error (STS-B) per example, weight 1 each."""
+        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits.float()
+        y = batch["labels"]
+        if self.is_regression:
+            loss = (logits.squeeze(-1) - y.float()) ** 2
+        else:
+            loss = torch.nn.functional.cross_entropy(logits, y, reduction="none")
+        return loss, torch.ones_like(loss)
 
     @torch.no_grad()
     def evaluate(self, model: Any, loaders: dict[str, Any], accelerator: Any, on_batch: Any = None) -> dict[str, float]:

@@ -1,0 +1,115 @@
+"""Every non-method config value checked once, up front, before anything is built or written: types, ranges and
+choices, each failure one line naming the key, the value and what is allowed. (Method keys are checked by their typed
+dataclass in methods/config.py; data values by the task readers, which name file:line.)"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from .errors import UserError
+
+_MISSING = object()
+
+# key: (kind, allowed). kinds: int / float / bool / choice / str; "?" suffix = null allowed.
+RULES: dict[str, tuple[str, Any]] = {
+    "seed": ("int", (None, None)),
+    "overwrite": ("bool", None),
+    "trainer.epochs": ("int?", (1, None)),
+    "trainer.max_steps": ("int?", (1, None)),
+    "trainer.batch_size": ("int", (1, None)),
+    "trainer.eval_batch_size": ("int", (1, None)),
+    "trainer.grad_accum": ("int", (1, None)),
+    "trainer.lr": ("float", (0.0, None, "open")),
+    "trainer.weight_decay": ("float", (0.0, None)),
+    "trainer.warmup_steps": ("int?", (0, None)),
+    "trainer.warmup_ratio": ("float", (0.0, 1.0)),
+    "trainer.max_grad_norm": ("float?", (0.0, None)),
+    "trainer.eval_every": ("int?", (1, None)),
+    "trainer.log_every": ("int", (1, None)),
+    "trainer.max_train_samples": ("int?", (1, None)),
+    "trainer.max_eval_samples": ("int?", (1, None)),
+    "trainer.group_by_length": ("bool", None),
+    "trainer.mixed_precision": ("choice", ("auto", "no", "bf16", "fp16")),
+    "trainer.cpu": ("bool", None),
+    "trainer.num_workers": ("int", (0, None)),
+    "trainer.progress": ("bool", None),
+    "trainer.routing_stats_every": ("int?", (1, None)),
+    "trainer.checkpoint_every": ("int?", (1, None)),
+    "trainer.resume": ("choice", (None, "auto")),
+    "trainer.deterministic": ("bool", None),
+    "trainer.select": ("choice", ("val_from_train", "best_dev", "last")),
+    "trainer.select_metric": ("choice", ("loss", "main")),
+    "trainer.dev_curve": ("bool", None),
+    "trainer.gradient_checkpointing": ("bool", None),
+    "model.max_length": ("int", (1, None)),
+    "model.dtype": ("choice", ("auto", "bf16", "fp16", "fp32")),
+    "task.val_size": ("int", (0, None)),
+    "task.val_seed": ("int", (None, None)),
+    "task.prompt_max_length": ("int", (1, None)),
+    "task.response_max_length": ("int", (1, None)),
+    "task.prompt_truncation": ("choice", ("left", "right")),
+    "task.train_bos": ("bool", None),
+    "task.train_eos": ("bool", None),
+    "task.test_bos": ("bool", None),
+    "task.train_on_prompt": ("bool", None),
+    "task.case_sensitive_extraction": ("bool", None),
+    "eval.max_new_tokens": ("int", (1, None)),
+    "eval.num_beams": ("int", (1, None)),
+    "eval.do_sample": ("bool", None),
+    "eval.temperature": ("float", (0.0, None, "open")),
+    "eval.top_p": ("float", (0.0, 1.0, "open")),
+    "eval.top_k": ("int", (0, None)),
+    "budget.tolerance": ("float", (0.0, None, "open")),
+    "budget.lora_rank": ("int", (1, None)),
+    "budget.params": ("int", (1, None)),
+    "budget.type": ("choice", ("none", "relative", "absolute")),
+}
+
+
+def _range_text(lo: Any, hi: Any, open_lo: bool) -> str:
+    if lo is not None and hi is not None:
+        return f"in {'(' if open_lo else '['}{lo}, {hi}]"
+    if lo is not None:
+        return f"{'>' if open_lo else '>='} {lo}"
+    return ""
+
+
+def check_value(key: str, value: Any, kind: str, allowed: Any) -> str | None:
+    """The error line for one value, or None when it is fine."""
+    optional = kind.endswith("?")
+    kind = kind.rstrip("?")
+    if value is None and (optional or kind == "choice" and None in allowed):
+        return None
+    if kind == "choice":
+        return None if value in allowed else f"{key}={value!r}; allowed: {list(allowed)}"
+    if kind == "bool":
+        return None if isinstance(value, bool) else f"{key}={value!r}; allowed: true or false"
+    if kind in ("int", "float"):
+        ok_type = isinstance(value, int) if kind == "int" else isinstance(value, (int, float))
+        lo, hi, *flags = allowed
+        rng = _range_text(lo, hi, "open" in flags)
+        what = ("an integer" if kind == "int" else "a number") + (f" {rng}" if rng else "") + (" or null" if optional else "")
+        if isinstance(value, bool) or not ok_type or (isinstance(value, float) and not math.isfinite(value)):
+            return f"{key}={value!r} must be {what}"
+        if lo is not None and (value < lo or ("open" in flags and value == lo)):
+            return f"{key}={value!r} must be {what}"
+        if hi is not None and value > hi:
+            return f"{key}={value!r} must be {what}"
+    return None
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """Raise UserError for the first bad value (interpolations resolved; absent keys skipped)."""
+    for key, (kind, allowed) in RULES.items():
+        try:
+            value = OmegaConf.select(cfg, key, default=_MISSING, throw_on_missing=False)
+        except Exception as e:  # an interpolation that cannot resolve
+            raise UserError(f"{key}: {str(e).splitlines()[0]}") from None
+        if value is _MISSING:
+            continue
+        err = check_value(key, value, kind, allowed)
+        if err:
+            raise UserError(err)
