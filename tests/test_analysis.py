@@ -16,21 +16,32 @@ from talklora_exp.cli import group_options
 
 
 def write_run(
-    root: Path, task: str, method: str, seed: int, value: float, status: str = "completed", routing: bool = True
+    root: Path,
+    task: str,
+    method: str,
+    seed: int,
+    value: float,
+    status: str = "completed",
+    routing: bool = True,
+    group_hash: str = "g1",
+    params: int | None = None,
 ):
-    d = root / f"{task}-{method}-{seed}"
+    d = root / f"{task}-{method}-{seed}-{group_hash}"
     d.mkdir(parents=True)
     (d / "config.yaml").write_text("seed: 1\n")
     main = {"cola": "matthews_correlation", "stsb": "pearson"}.get(task, "accuracy")
     m = {"status": status, "task": task, "task_family": "glue", "method": method, "model": "minilm", "seed": seed,
-         "budget": {"name": "lora_r16"}, "adapter_params": {"lora": 147456, "moelora": 129024, "talklora": 154416}[method],
-         "eval": {main: value}, "main_metric": main}  # fmt: skip
+         "budget": {"name": "lora_r16"}, "adapter_params": params or {"lora": 147456, "moelora": 129024, "talklora": 154416}[method],
+         "eval": {main: value}, "main_metric": main, "group_hash": group_hash, "report_split": "dev",
+         "selection": {"protocol": "val_from_train", "split": "val", "metric": "accuracy", "step": 10, "value": value}}  # fmt: skip
     (d / "metrics.json").write_text(json.dumps(m))
     if routing and method != "lora":
         layer = {"load": [0.25, 0.25, 0.3, 0.2], "load_entropy": 0.99, "cv": 0.1, "max_min_ratio": 1.5, "gini": 0.05, "sensitivity": 0.2 + seed / 100,
                  "token_entropy": 0.9, "top1_share": 0.3}  # fmt: skip
         (d / "routing.json").write_text(json.dumps({"layers": {"l0": layer, "l1": layer}, "aggregate": layer}))
-    (d / "train_log.jsonl").write_text(json.dumps({"step": 10, "routing": {"load_entropy": 0.9, "cv": 0.2}}) + "\n")
+    log = [{"step": 5, "val": {"loss": 0.7, main: value - 0.1}, "eval": {main: value - 0.05}},
+           {"step": 10, "val": {"loss": 0.5, main: value}, "eval": {main: value}, "routing": {"load_entropy": 0.9, "cv": 0.2}}]  # fmt: skip
+    (d / "train_log.jsonl").write_text("".join(json.dumps(x) + "\n" for x in log))
 
 
 @pytest.fixture
@@ -55,6 +66,7 @@ def test_glue_table_means_bold_and_significance(runs: Path, tmp_path: Path):
     # columns: CoLA then RTE (GLUE order), then Avg; TalkLoRA best everywhere and significant vs both baselines
     assert "| Method | Adapter params | CoLA | RTE | Avg |" in md
     assert "| **55.00 ± 1.00**†‡ | **85.00 ± 1.00**†‡ |" in lines["TalkLoRA"]
+    assert "checkpoint selection: val_from_train (val accuracy)" in md and "Reported split: dev" in md
     assert "| 50.00 ± 1.00 | 80.00 ± 1.00 |" in lines["LoRA"] and "147.5K" in lines["LoRA"]
     assert "99" not in md  # the failed seed-4 run is never averaged in
     left = (out / "tables" / "left_out.md").read_text()
@@ -78,7 +90,7 @@ def test_tables_regenerate_byte_for_byte(runs: Path, tmp_path: Path):
         if f.suffix != ".pdf":
             assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
     assert {f.name for f in fa} >= {"expert_load_heatmap.png", "expert_load_heatmap.pdf", "sensitivity_by_layer.png", "score_vs_params.png",
-                                    "routing_over_training.png"}  # fmt: skip
+                                    "routing_over_training.png", "learning_curves.png"}  # fmt: skip
 
 
 def test_paired_test_hand_computed():
@@ -167,4 +179,42 @@ def test_significantly_worse_is_marked_too(tmp_path: Path):
         write_run(root, "rte", "talklora", s, b)
     analysis_main([str(root), "--out", str(tmp_path / "o"), "--no-plots"])
     md = (tmp_path / "o" / "tables" / "glue.md").read_text()
-    assert "| 70.00 ± 1.00↓L |" in md and "| **81.00 ± 1.00** |" in md
+    assert "| 70.00 ± 1.00↓† |" in md and "| **81.00 ± 1.00** |" in md
+
+
+def test_a_different_config_in_a_cell_is_left_out_not_averaged(runs: Path, tmp_path: Path):
+    write_run(runs, "rte", "lora", 4, 0.10, group_hash="edited")  # e.g. the preset's lr was edited in between
+    analysis_main([str(runs), "--out", str(tmp_path / "o"), "--no-plots"])
+    md = (tmp_path / "o" / "tables" / "glue.md").read_text()
+    assert "| 80.00 ± 1.00 |" in md.split("| LoRA |")[1].splitlines()[0]  # still the three g1 seeds
+    left = (tmp_path / "o" / "tables" / "left_out.md").read_text()
+    assert "rte-lora-4-edited" in left and "config differs from the 3 other run(s) of its cell" in left
+
+
+def test_any_method_appears_in_every_table_and_figure(runs: Path, tmp_path: Path, monkeypatch):
+    """A method the analysis has never heard of ("toylora") gets a row, a significance comparison when named as a
+    baseline, and a line/panel in every figure (no hard-coded method lists)."""
+    from talklora_exp.analysis import plots
+
+    for s, v in enumerate([0.70, 0.72, 0.71], start=1):
+        write_run(runs, "rte", "toylora", s, v, params=1000)
+        write_run(runs, "cola", "toylora", s, v - 0.3, params=1000)
+    drawn = []
+    real_label = plots.label
+    monkeypatch.setattr(plots, "label", lambda m: drawn.append(m) or real_label(m))
+    out = tmp_path / "o"
+    assert analysis_main([str(runs), "--out", str(out), "--baselines", "lora,moelora,toylora"]) == 0
+    md = (out / "tables" / "glue.md").read_text()
+    assert "| toylora | 1.0K |" in md and "§ toylora" in md
+    assert "**85.00 ± 1.00**†‡§" in md  # TalkLoRA significantly better than the toy baseline too
+    assert "TalkLoRA − toylora" in (out / "tables" / "glue_significance.md").read_text()
+    assert "| RTE | toylora | 3 |" in (out / "tables" / "routing.md").read_text()
+    figs = {
+        "learning_curves",
+        "expert_load_heatmap",
+        "routing_over_training",
+        "sensitivity_by_layer",
+        "score_vs_params",
+    }
+    assert {p.stem for p in (out / "figures").glob("*.png")} == figs
+    assert drawn.count("toylora") >= len(figs)  # labelled in each figure

@@ -14,7 +14,7 @@ from talklora_exp.cli import check_group_overrides, group_options
 
 GROUPS = ["model", "method", "task", "budget", "trainer", "logger", "paths", "experiment"]
 TINY = ["trainer.max_steps=3", "trainer.batch_size=8", "trainer.eval_batch_size=16", "trainer.max_train_samples=24",
-        "trainer.max_eval_samples=16", "model.max_length=32", "trainer.progress=false", "trainer.log_every=1"]  # fmt: skip
+        "trainer.max_eval_samples=16", "model.max_length=32", "trainer.progress=false", "trainer.log_every=1", "task.val_size=8"]  # fmt: skip
 
 
 @pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in group_options(g)])

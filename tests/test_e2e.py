@@ -12,7 +12,7 @@ from conftest import ROOT, compose_cfg
 pytestmark = pytest.mark.slow
 
 LEARN = ["task=glue/sst2", "trainer.batch_size=16", "trainer.max_steps=40", "trainer.lr=3e-3", "trainer.log_every=5",
-         "trainer.eval_every=20", "trainer.warmup_ratio=0.0", "model.max_length=32", "trainer.progress=false"]  # fmt: skip
+         "trainer.eval_every=20", "trainer.warmup_ratio=0.0", "model.max_length=32", "trainer.progress=false", "task.val_size=8"]  # fmt: skip
 
 
 @pytest.mark.parametrize("method", ["lora", "talklora"])
@@ -25,7 +25,9 @@ def test_loss_goes_down_contract_and_reload(glue_dir: Path, tmp_path: Path, meth
     logs = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in logs if "loss" in r]
     assert len(losses) == 8 and losses[-1] < 0.7 * losses[0], losses
-    assert [r["step"] for r in logs if "eval" in r] == [20, 40]
+    assert [r["step"] for r in logs if "val" in r] == [20, 40]  # validation (held out of train) selects
+    assert [r["step"] for r in logs if "report" in r] == [40] and m["report_evals"] == 1  # dev evaluated once
+    assert m["selection"]["split"] == "val" and m["selection"]["step"] in (20, 40)
     for f in (
         "config.yaml",
         "metrics.json",
@@ -47,7 +49,7 @@ def test_loss_goes_down_contract_and_reload(glue_dir: Path, tmp_path: Path, meth
 def test_cli_main_command_and_skip_completed(glue_dir: Path, tmp_path: Path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TALKLORA_DATA_DIR": str(glue_dir)}
     args = [sys.executable, "-m", "talklora_exp", "method=talklora", "task=glue/rte", "trainer.max_steps=4", "model.max_length=32",
-            "trainer.batch_size=8", f"hydra.run.dir={tmp_path}/X"]  # fmt: skip
+            "trainer.batch_size=8", "task.val_size=8", f"hydra.run.dir={tmp_path}/X"]  # fmt: skip
     r = subprocess.run(args, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     m = json.loads((tmp_path / "X" / "metrics.json").read_text())

@@ -11,11 +11,11 @@ from talklora_exp.tasks import build_task
 from talklora_exp.tasks.generation import (
     COMMONSENSE_TASKS,
     IGNORE,
+    cut_generation,
     extract_commonsense,
     extract_last_number,
     gsm8k_gold,
     read_json_records,
-    cut_generation,
     render_prompt,
 )
 
@@ -95,7 +95,9 @@ def test_gold_answers_are_checked_against_the_options(tmp_path: Path):
     bad = json.loads((root / "commonsense/boolq/test.json").read_text())
     bad[2]["answer"] = "True"
     (root / "commonsense/boolq/test.json").write_text(json.dumps(bad))
-    with pytest.raises(UserError, match=r"test\.json record 2: answer 'True' is not one of boolq's options \['true', 'false'\]"):
+    with pytest.raises(
+        UserError, match=r"test\.json record 2: answer 'True' is not one of boolq's options \['true', 'false'\]"
+    ):
         _task().records(str(root))
 
 
@@ -215,7 +217,7 @@ def test_smollm2_end_to_end(tmp_path: Path, task: str, method: str):
     root = make_cs_dir(tmp_path / "data")
     cfg = compose_cfg([f"method={method}", "model=smollm2-135m", f"task={task}", f"paths.data_dir={root}", "trainer.max_steps=2",
                        "trainer.batch_size=2", "trainer.grad_accum=1", "trainer.max_eval_samples=4", "eval.max_new_tokens=8",
-                       "model.max_length=64", "trainer.progress=false", "trainer.log_every=1"])  # fmt: skip
+                       "trainer.progress=false", "trainer.log_every=1", "task.val_size=2"])  # fmt: skip
     m = run(cfg, tmp_path / "run")
     assert m["status"] == "completed" and "accuracy" in m["eval"] and m["data"]["train_source"]
     preds = [json.loads(x) for x in (tmp_path / "run" / "predictions.jsonl").read_text().splitlines()]

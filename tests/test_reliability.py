@@ -19,7 +19,7 @@ from talklora_exp.run import run
 pytestmark = pytest.mark.slow
 
 BASE = ["method=talklora", "task=glue/sst2", "trainer.batch_size=8", "trainer.max_steps=12", "trainer.eval_every=6",
-        "trainer.checkpoint_every=4", "trainer.log_every=2", "model.max_length=32", "trainer.progress=false", "trainer.lr=2e-3"]  # fmt: skip
+        "trainer.checkpoint_every=4", "trainer.log_every=2", "model.max_length=32", "trainer.progress=false", "trainer.lr=2e-3", "task.val_size=8"]  # fmt: skip
 
 
 def _cfg(glue_dir, *extra):
@@ -92,7 +92,7 @@ def _env(glue_dir):
 def test_sigterm_checkpoints_and_marks_interrupted(glue_dir, tmp_path):
     run_dir = tmp_path / "sig"
     args = [sys.executable, "-m", "talklora_exp", *BASE[:2], "trainer.batch_size=8", "trainer.max_steps=100000", "trainer.checkpoint_every=3",
-            "model.max_length=32", "trainer.progress=false", f"hydra.run.dir={run_dir}"]  # fmt: skip
+            "model.max_length=32", "trainer.progress=false", "task.val_size=8", f"hydra.run.dir={run_dir}"]  # fmt: skip
     p = subprocess.Popen(args, cwd=ROOT, env=_env(glue_dir), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 240
     while not (run_dir / "checkpoints" / "latest.json").exists():
@@ -119,7 +119,7 @@ def test_wandb_offline_writes_run_files(glue_dir, tmp_path, monkeypatch):
 def test_two_processes_match_one_with_same_global_batch(glue_dir, tmp_path):
     """torchrun --nproc_per_node 2 (gloo, CPU), 4 per process vs 1 process x 8; eval gathered without duplicates."""
     common = ["method=lora", "task=glue/sst2", "trainer.max_steps=16", "trainer.eval_every=16", "model.max_length=32",
-              "trainer.progress=false", "trainer.lr=2e-3", "trainer.max_eval_samples=15", "trainer.cpu=true", "method.dropout=0.0"]  # fmt: skip
+              "trainer.progress=false", "trainer.lr=2e-3", "trainer.max_eval_samples=15", "trainer.cpu=true", "method.dropout=0.0", "task.val_size=8"]  # fmt: skip
     one = subprocess.run([sys.executable, "-m", "talklora_exp", *common, "trainer.batch_size=8", f"hydra.run.dir={tmp_path}/one"],
                          cwd=ROOT, env=_env(glue_dir), capture_output=True, text=True, timeout=300)  # fmt: skip
     assert one.returncode == 0, one.stderr[-2000:]

@@ -132,7 +132,11 @@ def _is_dry_run(argv: list[str]) -> bool:
 def _dry_run_argv(argv: list[str], out: str) -> list[str]:
     """Hydra's own sweep expansion, minus everything a dry run must not do: no launcher (basic, in-process), no output
     dirs or log files in the project (a temp dir), no .hydra/ subdir."""
-    keep = [a for a in argv if not a.startswith(("hydra/launcher=", "hydra.launcher.", "hydra.sweep.dir=", "hydra.run.dir="))]
+    keep = [
+        a
+        for a in argv
+        if not a.startswith(("hydra/launcher=", "hydra.launcher.", "hydra.sweep.dir=", "hydra.run.dir="))
+    ]
     return keep + [f"hydra.sweep.dir={out}", f"hydra.run.dir={out}", "hydra.output_subdir=null", "hydra/launcher=basic",
                    "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"]  # fmt: skip
 

@@ -53,8 +53,8 @@ def evaluate_run(run_dir: Path, overrides: list[str] | None = None) -> tuple[dic
     from accelerate import Accelerator
     from torch.utils.data import DataLoader
 
-    from .rundir import atomic_write_json, read_status
     from .run import build, load_data
+    from .rundir import atomic_write_json, read_status
     from .trainer import resolve_mixed_precision
 
     run_dir, overrides = Path(run_dir), list(overrides or [])
@@ -67,7 +67,9 @@ def evaluate_run(run_dir: Path, overrides: list[str] | None = None) -> tuple[dic
         cfg.budget = {"name": "none", "type": "none"}  # the rank is already resolved in config.yaml
     split = _apply(cfg, overrides)
     tcfg = cfg.trainer
-    acc = Accelerator(mixed_precision=resolve_mixed_precision(str(tcfg.mixed_precision), bool(tcfg.cpu)), cpu=bool(tcfg.cpu))
+    acc = Accelerator(
+        mixed_precision=resolve_mixed_precision(str(tcfg.mixed_precision), bool(tcfg.cpu)), cpu=bool(tcfg.cpu)
+    )
     b = build(cfg, acc)
     model = b["method"].load(b["model"], run_dir / "adapter")
     data = load_data(cfg, b["task"], b["tokenizer"])

@@ -128,7 +128,11 @@ def _run_locked(cfg: DictConfig, run_dir: Path, ident: dict, acc: Accelerator, m
     stored = read_identity(run_dir)
     if read_status(run_dir) == "completed" and not overwrite:
         if stored is not None and stored["config_hash"] == ident["config_hash"]:
-            log.info("skip: %s already completed (same config hash %s; overwrite=true to redo)", run_dir, ident["config_hash"])
+            log.info(
+                "skip: %s already completed (same config hash %s; overwrite=true to redo)",
+                run_dir,
+                ident["config_hash"],
+            )
             return None
         raise mismatch_error(run_dir, "it holds a completed run", stored, ident)
     if tcfg.get("deterministic"):

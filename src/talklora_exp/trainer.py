@@ -101,7 +101,9 @@ class Trainer:
     ):
         self.cfg, self.acc, self.task, self.hooks, self.logger, self.seed = tcfg, accelerator, task, hooks, logger, seed
         self.ckpt_root, self.config_hash = ckpt_root, config_hash
-        self.gen = torch.Generator().manual_seed(seed)  # the shuffle order; its state at each epoch start is checkpointed
+        self.gen = torch.Generator().manual_seed(
+            seed
+        )  # the shuffle order; its state at each epoch start is checkpointed
         self.select, self.select_metric = str(tcfg.select), str(tcfg.select_metric)
         if self.select not in SELECT_PROTOCOLS:
             raise UserError(f"trainer.select={self.select!r}; allowed: {list(SELECT_PROTOCOLS)}")
@@ -222,7 +224,9 @@ class Trainer:
         if self.select != "last" and is_better(score, v["best_score"]):
             v.update(best_score=score, best_step=step, best_val=rec.get("val"), best_snap=self._snapshot())
             if self.select == "best_dev":
-                v.update(best_eval=report, best_routing=routing, best_preds=getattr(self.task, "last_predictions", None))
+                v.update(
+                    best_eval=report, best_routing=routing, best_preds=getattr(self.task, "last_predictions", None)
+                )
         if report is not None:
             v["last_eval"] = report
 

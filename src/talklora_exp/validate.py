@@ -91,7 +91,11 @@ def check_value(key: str, value: Any, kind: str, allowed: Any) -> str | None:
         ok_type = isinstance(value, int) if kind == "int" else isinstance(value, (int, float))
         lo, hi, *flags = allowed
         rng = _range_text(lo, hi, "open" in flags)
-        what = ("an integer" if kind == "int" else "a number") + (f" {rng}" if rng else "") + (" or null" if optional else "")
+        what = (
+            ("an integer" if kind == "int" else "a number")
+            + (f" {rng}" if rng else "")
+            + (" or null" if optional else "")
+        )
         if isinstance(value, bool) or not ok_type or (isinstance(value, float) and not math.isfinite(value)):
             return f"{key}={value!r} must be {what}"
         if lo is not None and (value < lo or ("open" in flags and value == lo)):

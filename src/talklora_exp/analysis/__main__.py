@@ -1,4 +1,4 @@
-"""`python -m talklora_exp.analysis [dirs...]` / `make tables`: run dirs -> results/tables and results/figures."""
+"""`python -m talklora_exp.analysis [dirs...]` / `make tables`: run dirs -> <out>/tables and <out>/figures."""
 
 from __future__ import annotations
 
@@ -8,11 +8,16 @@ from pathlib import Path
 
 from .collect import collect
 from .plots import all_plots
-from .tables import GLUE_LABEL, GLUE_ORDER, failed_table, routing_table, score_table
+from .tables import GLUE_LABEL, GLUE_ORDER, Compare, failed_table, routing_table, score_table
 
 CS_ORDER = ["boolq", "piqa", "social_i_qa", "hellaswag", "winogrande", "ARC-Easy", "ARC-Challenge", "openbookqa"]
 CS_LABEL = {"boolq": "BoolQ", "piqa": "PIQA", "social_i_qa": "SIQA", "hellaswag": "HellaS.", "winogrande": "WinoG.",
             "ARC-Easy": "ARC-e", "ARC-Challenge": "ARC-c", "openbookqa": "OBQA"}  # fmt: skip
+FAMILIES = (  # (task family, column order, labels, title, file stem)
+    ("glue", GLUE_ORDER, GLUE_LABEL, "GLUE dev results", "glue"),
+    ("commonsense", CS_ORDER, CS_LABEL, "Commonsense reasoning accuracy", "commonsense"),
+    ("gsm8k", ["gsm8k"], {"gsm8k": "GSM8K"}, "GSM8K accuracy", "gsm8k"),
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -20,19 +25,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("dirs", nargs="*", type=Path, default=[Path("results")], help="run dirs or folders holding them")
     ap.add_argument("--out", type=Path, default=Path("results"), help="writes <out>/tables and <out>/figures")
     ap.add_argument("--no-plots", action="store_true")
+    ap.add_argument("--proposal", default="talklora", help="the method the significance marks are about")
+    ap.add_argument("--baselines", default="lora,moelora", help="comma-separated methods it is compared with")
     args = ap.parse_args(argv)
     missing = [str(d) for d in args.dirs if not d.exists()]
     if missing:
         print(f"error: run dir(s) not found: {', '.join(missing)}", file=sys.stderr)
         return 2
+    cmp = Compare(args.proposal, tuple(b for b in args.baselines.split(",") if b))
     runs, bad = collect(args.dirs)
     tables_dir, fig_dir = args.out / "tables", args.out / "figures"
     written = []
-    for family, order, labels, title, stem in (
-        ("glue", GLUE_ORDER, GLUE_LABEL, "GLUE dev results", "glue"),
-        ("commonsense", CS_ORDER, CS_LABEL, "Commonsense reasoning accuracy", "commonsense"),
-    ):
-        res = score_table(runs, family, order, labels, title)
+    for family, order, labels, title, stem in FAMILIES:
+        res = score_table(runs, family, order, labels, title, cmp)
         if res:
             res[0].write(tables_dir, stem)
             res[1].write(tables_dir, f"{stem}_significance")

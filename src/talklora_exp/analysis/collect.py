@@ -1,8 +1,10 @@
-"""Read run directories into flat records; failed, interrupted or partial runs are kept apart, never averaged."""
+"""Read run directories into flat records. Failed, interrupted or partial runs, and runs whose config differs from
+the rest of their table cell (another config hash), are kept apart and listed in left_out.md, never averaged in."""
 
 from __future__ import annotations
 
 import json
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,6 +19,7 @@ class Run:
 
     @property
     def key(self) -> tuple[str, str, str, str, str]:
+        """A table cell: (task family, task, method, budget, model); seeds are averaged within it."""
         m = self.metrics
         return (
             m.get("task_family", "?"),
@@ -30,9 +33,17 @@ class Run:
     def main_value(self) -> float | None:
         return self.metrics.get("eval", {}).get(self.metrics.get("main_metric", ""))
 
+    @property
+    def protocol(self) -> str:
+        """How the reported checkpoint was chosen (runs written before selection was recorded: best_dev)."""
+        sel = self.metrics.get("selection") or {}
+        if not sel:
+            return "best_dev"
+        return f"{sel.get('protocol')}" + (f" ({sel.get('split')} {sel.get('metric')})" if sel.get("split") else "")
+
 
 def collect(dirs: list[Path]) -> tuple[list[Run], list[tuple[Path, str]]]:
-    """Completed runs, and (dir, reason) for every run dir that is not completed."""
+    """Completed runs, and (dir, reason) for every run dir that is not completed or does not fit its cell."""
     done: list[Run] = []
     bad: list[tuple[Path, str]] = []
     seen: set[Path] = set()
@@ -51,8 +62,9 @@ def collect(dirs: list[Path]) -> tuple[list[Run], list[tuple[Path, str]]]:
             except json.JSONDecodeError as e:
                 bad.append((d, f"unreadable metrics.json ({e.msg})"))
                 continue
-            if m.get("status") != "completed":
-                bad.append((d, f"status={m.get('status')}: {m.get('error', '')}".strip()))
+            if not isinstance(m, dict) or m.get("status") != "completed":
+                status = m.get("status") if isinstance(m, dict) else None
+                bad.append((d, f"status={status}: {m.get('error', '') if isinstance(m, dict) else ''}".strip()))
                 continue
             rp = d / "routing.json"
             lp = d / "train_log.jsonl"
@@ -64,7 +76,27 @@ def collect(dirs: list[Path]) -> tuple[list[Run], list[tuple[Path, str]]]:
                     [json.loads(x) for x in lp.read_text().splitlines() if x.strip()] if lp.exists() else [],
                 )
             )
-    return expand_multi_task(done), bad
+    done, mixed = one_config_per_cell(done)
+    return expand_multi_task(done), bad + mixed
+
+
+def one_config_per_cell(runs: list[Run]) -> tuple[list[Run], list[tuple[Path, str]]]:
+    """Within a cell, keep the runs of the most common config (group hash: the config without the seed); the others
+    ran a different config (an edited preset, another lr) and must not be averaged with them."""
+    cells: dict[tuple, list[Run]] = defaultdict(list)
+    for r in runs:
+        cells[r.key].append(r)
+    keep, out = [], []
+    for _key, rs in sorted(cells.items()):
+        counts = Counter(r.metrics.get("group_hash") for r in rs)
+        top = max(sorted(counts, key=str), key=lambda h: counts[h])
+        for r in sorted(rs, key=lambda r: str(r.dir)):
+            if r.metrics.get("group_hash") == top:
+                keep.append(r)
+            else:
+                out.append((r.dir, f"config differs from the {counts[top]} other run(s) of its cell "
+                                   f"(group hash {r.metrics.get('group_hash')} vs {top})"))  # fmt: skip
+    return keep, out
 
 
 def expand_multi_task(runs: list[Run]) -> list[Run]:

@@ -1,4 +1,5 @@
-"""Figures (PNG + PDF): expert-load heatmaps, routing balance over training, sensitivity by layer, score vs params."""
+"""Figures (PNG + PDF): learning curves, expert-load heatmaps, routing balance over training, sensitivity by layer,
+score vs params. Every method found in the runs gets a line and a colour (known ones fixed, others from a palette)."""
 
 from __future__ import annotations
 
@@ -9,9 +10,26 @@ from pathlib import Path
 import numpy as np
 
 from .collect import Run
-from .tables import GLUE_LABEL, GLUE_ORDER, METHOD_LABEL, METHOD_ORDER, _order, by_seed
+from .tables import GLUE_LABEL, GLUE_ORDER, METHOD_ORDER, _order, by_seed, label
 
-COLORS = {"lora": "#4C72B0", "moelora": "#DD8452", "talklora": "#55A868"}
+COLORS = {"lora": "#4C72B0", "moelora": "#DD8452", "talklora": "#55A868", "dora": "#8172B3", "hira": "#937860",
+          "teamlora": "#DA8BC3"}  # fmt: skip
+PALETTE = ["#8C8C8C", "#CCB974", "#64B5CD", "#C44E52", "#1F77B4", "#FF7F0E", "#2CA02C", "#9467BD"]
+
+
+def methods_of(runs: list[Run]) -> list[str]:
+    return _order({r.metrics["method"] for r in runs}, METHOD_ORDER)
+
+
+def color(method: str, all_methods: list[str]) -> str:
+    if method in COLORS:
+        return COLORS[method]
+    others = sorted(m for m in all_methods if m not in COLORS)
+    return PALETTE[others.index(method) % len(PALETTE)] if method in others else PALETTE[0]
+
+
+def _tlabel(task: str) -> str:
+    return GLUE_LABEL.get(task, task)
 
 
 def _plt():
@@ -33,6 +51,56 @@ def _save(fig, out: Path, stem: str) -> list[Path]:
     return paths
 
 
+def _curve(ax, series: dict[int, list[float]], m: str, ms: list[str]) -> None:
+    """Mean over seeds with a min-max band."""
+    steps = sorted(series)
+    mean = np.array([np.mean(series[x]) for x in steps])
+    ax.plot(steps, mean, "-", label=label(m), color=color(m, ms), lw=1.2)
+    if any(len(series[x]) > 1 for x in steps):
+        lo, hi = np.array([min(series[x]) for x in steps]), np.array([max(series[x]) for x in steps])
+        ax.fill_between(steps, lo, hi, color=color(m, ms), alpha=0.18, lw=0)
+
+
+def learning_curves(runs: list[Run], out: Path) -> list[Path]:
+    """Per task, the dev metric (when logged during training) and the validation score over optimizer steps; one
+    line per method, mean over seeds with a min-max band, so a reader can see whether each method converged."""
+    rows = {"eval": "dev (reported split)", "val": "validation (selects)"}
+    series: dict[tuple[str, str, str], dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
+    ylabel: dict[tuple[str, str], str] = {}
+    for r in runs:
+        main = r.metrics.get("main_metric", "")
+        for rec in r.log:
+            for kind in rows:
+                vals = rec.get(kind)
+                if not isinstance(vals, dict):
+                    continue
+                metric = main if vals.get(main) is not None else ("loss" if vals.get("loss") is not None else None)
+                if metric is None:
+                    continue
+                key = (r.metrics["task"], r.metrics["method"], kind)
+                series[key][int(rec["step"])].append(vals[metric])
+                ylabel[(r.metrics["task"], kind)] = f"{rows[kind]}: {metric}"
+    if not series:
+        return []
+    tasks = _order({k[0] for k in series}, GLUE_ORDER)
+    kinds = [k for k in rows if any(s[2] == k for s in series)]
+    ms = methods_of(runs)
+    plt = _plt()
+    fig, axes = plt.subplots(len(kinds), len(tasks), figsize=(3.0 * len(tasks), 2.5 * len(kinds)), squeeze=False)
+    for j, t in enumerate(tasks):
+        for i, kind in enumerate(kinds):
+            ax = axes[i][j]
+            for m in ms:
+                if (t, m, kind) in series:
+                    _curve(ax, series[(t, m, kind)], m, ms)
+            ax.set_title(_tlabel(t)) if i == 0 else None
+            ax.set_xlabel("step") if i == len(kinds) - 1 else None
+            ax.set_ylabel(ylabel.get((t, kind), kind), fontsize=7)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    return _save(fig, out, "learning_curves")
+
+
 def _layer_loads(runs: list[Run]) -> np.ndarray:
     """Mean over seeds of the per-layer expert load: layers x experts."""
     mats = [np.array([v["load"] for v in r.routing["layers"].values()]) for r in runs]
@@ -46,9 +114,10 @@ def _short(path: str) -> str:
 
 
 def expert_load_heatmap(runs: list[Run], out: Path) -> list[Path]:
-    g = by_seed([r for r in runs if r.routing])
+    routed = [r for r in runs if r.routing]
+    g = by_seed(routed)
     tasks = _order({k[1] for k in g}, GLUE_ORDER)
-    methods = [m for m in ("moelora", "talklora") if any(k[2] == m for k in g)]
+    methods = methods_of(routed)
     if not tasks or not methods:
         return []
     plt = _plt()
@@ -63,7 +132,7 @@ def expert_load_heatmap(runs: list[Run], out: Path) -> list[Path]:
             seed_runs = list(g[keys[0]].values())
             loads = _layer_loads(seed_runs)
             im = ax.imshow(loads, aspect="auto", cmap="viridis", vmin=0, vmax=max(0.5, float(loads.max())))
-            ax.set_title(f"{GLUE_LABEL.get(t, t)} · {METHOD_LABEL[m]}")
+            ax.set_title(f"{_tlabel(t)} · {label(m)}")
             ax.set_xlabel("expert")
             ax.set_ylabel("adapted layer")
             ax.set_xticks(range(loads.shape[1]))
@@ -87,27 +156,22 @@ def routing_over_training(runs: list[Run], out: Path) -> list[Path]:
     if not series:
         return []
     tasks = _order({k[0] for k in series}, GLUE_ORDER)
+    ms = _order({k[1] for k in series}, METHOD_ORDER)
     plt = _plt()
     fig, axes = plt.subplots(2, len(tasks), figsize=(3.0 * len(tasks), 4.4), squeeze=False)
     for j, t in enumerate(tasks):
-        for i, (stat, label) in enumerate((("load_entropy", "load entropy H(P)/log E"), ("cv", "load CV"))):
+        for i, (stat, ylab) in enumerate((("load_entropy", "load entropy H(P)/log E"), ("cv", "load CV"))):
             ax = axes[i][j]
-            for m in METHOD_ORDER:
+            for m in ms:
                 s = series.get((t, m, stat))
                 if s:
                     steps = sorted(s)
                     ax.plot(
-                        steps,
-                        [np.mean(s[x]) for x in steps],
-                        "o-",
-                        ms=2.5,
-                        label=METHOD_LABEL[m],
-                        color=COLORS[m],
-                        lw=1.2,
+                        steps, [np.mean(s[x]) for x in steps], "o-", ms=2.5, label=label(m), color=color(m, ms), lw=1.2
                     )
-            ax.set_title(GLUE_LABEL.get(t, t)) if i == 0 else None
+            ax.set_title(_tlabel(t)) if i == 0 else None
             ax.set_xlabel("step") if i == 1 else None
-            ax.set_ylabel(label) if j == 0 else None
+            ax.set_ylabel(ylab) if j == 0 else None
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
     return _save(fig, out, "routing_over_training")
@@ -120,20 +184,13 @@ def sensitivity_by_layer(runs: list[Run], out: Path) -> list[Path]:
             per[r.metrics["method"]].append([v["sensitivity"] for v in r.routing["layers"].values()])
     if not per:
         return []
+    ms = _order(per, METHOD_ORDER)
     plt = _plt()
     fig, ax = plt.subplots(figsize=(4.8, 3.0))
-    for m in _order(per, METHOD_ORDER):
+    for m in ms:
         width = min(len(v) for v in per[m])
         arr = np.array([v[:width] for v in per[m]])
-        ax.errorbar(
-            range(width),
-            arr.mean(0),
-            yerr=arr.std(0),
-            label=METHOD_LABEL.get(m, m),
-            color=COLORS.get(m),
-            capsize=2,
-            lw=1.2,
-        )
+        ax.errorbar(range(width), arr.mean(0), yerr=arr.std(0), label=label(m), color=color(m, ms), capsize=2, lw=1.2)
     ax.set_xlabel("adapted layer (model order)")
     ax.set_ylabel("routing sensitivity")
     ax.set_title("Routing sensitivity by layer (mean ± std over runs)")
@@ -147,24 +204,22 @@ def score_vs_params(runs: list[Run], out: Path) -> list[Path]:
     tasks = _order({k[1] for k in g}, GLUE_ORDER)
     if not tasks:
         return []
+    ms = methods_of(runs)
     plt = _plt()
     fig, axes = plt.subplots(1, len(tasks), figsize=(3.0 * len(tasks), 2.8), squeeze=False)
     for j, t in enumerate(tasks):
         ax = axes[0][j]
-        for m in METHOD_ORDER:
+        for m in ms:
             pts = sorted(
-                (
-                    np.mean([r.metrics["adapter_params"] for r in v.values()]),
-                    100 * np.mean([r.main_value for r in v.values()]),
-                )
-                for k, v in g.items()
-                if k[1] == t and k[2] == m
-            )
+                (np.mean([r.metrics["adapter_params"] for r in v.values()]),
+                 100 * np.mean([r.main_value for r in v.values() if r.main_value is not None] or [np.nan]))
+                for k, v in g.items() if k[1] == t and k[2] == m
+            )  # fmt: skip
             if pts:
                 xs, ys = zip(*pts)
-                ax.plot(xs, ys, "o-", label=METHOD_LABEL[m], color=COLORS[m], ms=4, lw=1.2)
+                ax.plot(xs, ys, "o-", label=label(m), color=color(m, ms), ms=4, lw=1.2)
         ax.set_xscale("log")
-        ax.set_title(GLUE_LABEL.get(t, t))
+        ax.set_title(_tlabel(t))
         ax.set_xlabel("adapter parameters")
         ax.set_ylabel("main metric x100") if j == 0 else None
     axes[0][0].legend(fontsize=7)
@@ -173,8 +228,5 @@ def score_vs_params(runs: list[Run], out: Path) -> list[Path]:
 
 
 def all_plots(runs: list[Run], out: Path) -> list[Path]:
-    return [
-        p
-        for fn in (expert_load_heatmap, routing_over_training, sensitivity_by_layer, score_vs_params)
-        for p in fn(runs, out)
-    ]
+    fns = (learning_curves, expert_load_heatmap, routing_over_training, sensitivity_by_layer, score_vs_params)
+    return [p for fn in fns for p in fn(runs, out)]

@@ -6,6 +6,7 @@ import csv
 import io
 import math
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -13,8 +14,34 @@ from scipy import stats
 
 from .collect import Run
 
-METHOD_ORDER = ["lora", "moelora", "talklora"]
-METHOD_LABEL = {"lora": "LoRA", "moelora": "MoELoRA", "talklora": "TalkLoRA"}
+# Display order and names of the known methods; any other method found in the runs is shown too, under its own name,
+# after these (nothing is ever dropped for being unknown).
+METHOD_ORDER = ["lora", "dora", "hira", "moelora", "teamlora", "talklora"]
+METHOD_LABEL = {"lora": "LoRA", "dora": "DoRA", "hira": "HiRA", "moelora": "MoELoRA", "teamlora": "TeamLoRA",
+                "talklora": "TalkLoRA"}  # fmt: skip
+MARKS = ["†", "‡", "§", "¶", "♯", "♮", "♭"]  # one per baseline, in the order given
+
+
+def label(method: str) -> str:
+    return METHOD_LABEL.get(method, method)
+
+
+@dataclass
+class Compare:
+    """Which method is the proposal and which are its baselines, for significance marks (an analysis option)."""
+
+    proposal: str = "talklora"
+    baselines: tuple[str, ...] = ("lora", "moelora")
+
+    def mark(self, base: str) -> str:
+        return MARKS[self.baselines.index(base) % len(MARKS)]
+
+    def legend(self) -> str:
+        pairs = ", ".join(f"{self.mark(b)} {label(b)}" for b in self.baselines)
+        return (f"{pairs}: {label(self.proposal)} significantly better than that baseline; ↓ + mark: significantly "
+                "worse (paired t-test over seeds, p < 0.05)")  # fmt: skip
+
+
 GLUE_ORDER = ["cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "rte", "wnli"]
 GLUE_LABEL = {"cola": "CoLA", "sst2": "SST-2", "mrpc": "MRPC", "stsb": "STS-B", "qqp": "QQP", "mnli": "MNLI", "qnli": "QNLI", "rte": "RTE", "wnli": "WNLI"}  # fmt: skip
 ROUTING_COLS = [
@@ -112,11 +139,17 @@ def _fmt(vals: list[float], scale: float = 100.0) -> str:
     return f"{v.mean():.2f} ± {v.std(ddof=1):.2f}" if len(v) > 1 else f"{v.mean():.2f}"
 
 
+def protocols(runs: list[Run]) -> str:
+    """The selection protocols behind a set of runs, for captions (every table states how checkpoints were chosen)."""
+    return "; ".join(sorted({r.protocol for r in runs})) or "–"
+
+
 def score_table(
-    runs: list[Run], family: str, order: list[str], labels: dict[str, str], title: str
+    runs: list[Run], family: str, order: list[str], labels: dict[str, str], title: str, cmp: Compare | None = None
 ) -> tuple[Table, Table] | None:
-    """Rows = methods (adapter params), columns = tasks + average, mean ± std over seeds (x100), best in bold,
-    TalkLoRA marked † / ‡ where a paired t-test over seeds beats LoRA / MoELoRA at p < 0.05."""
+    """Rows = methods (adapter params), columns = tasks + average, mean ± std over seeds (x100), best in bold, the
+    proposal marked per baseline where a paired t-test over seeds says it is better (mark) or worse (↓mark)."""
+    cmp = cmp or Compare()
     groups = {k: v for k, v in by_seed(runs).items() if k[0] == family}
     if not groups:
         return None
@@ -143,7 +176,7 @@ def score_table(
                 }
             )
             p = "/".join(f"{x / 1e3:.1f}K" for x in params if x is not None)
-            cells = [f"{METHOD_LABEL.get(m, m)}", p]
+            cells = [label(m), p]
             for t in tasks + ["__avg"]:
                 v = avg[m] if t == "__avg" else vals[(m, t)]
                 if not v:
@@ -154,30 +187,31 @@ def score_table(
                 top = best_avg if t == "__avg" else best[t]
                 if top is not None and math.isclose(mean, top):
                     c = f"**{c}**"
-                if m == "talklora":
-                    for base, mark in (("lora", "†"), ("moelora", "‡")):
+                if m == cmp.proposal:
+                    for base in cmp.baselines:
                         ref = avg.get(base) if t == "__avg" else vals.get((base, t))
                         if ref:
                             diff, pval, n = paired_test(v, ref)
                             if pval is not None and pval < ALPHA:
-                                c += mark if diff > 0 else f"↓{base[0].upper()}"  # ↓L / ↓M: significantly worse
+                                c += cmp.mark(base) if diff > 0 else f"↓{cmp.mark(base)}"
                 cells.append(c)
             rows.append(cells)
         for t in tasks + ["__avg"]:
-            for base in ("lora", "moelora"):
-                a = avg.get("talklora") if t == "__avg" else vals.get(("talklora", t))
+            for base in cmp.baselines:
+                a = avg.get(cmp.proposal) if t == "__avg" else vals.get((cmp.proposal, t))
                 b = avg.get(base) if t == "__avg" else vals.get((base, t))
                 if a and b:
                     diff, pval, n = paired_test(a, b)
-                    sig_rows.append([model, budget, "Avg" if t == "__avg" else labels.get(t, t), f"TalkLoRA − {METHOD_LABEL[base]}",
+                    sig_rows.append([model, budget, "Avg" if t == "__avg" else labels.get(t, t), f"{label(cmp.proposal)} − {label(base)}",
                                      f"{100 * diff:+.2f}", "–" if pval is None else f"{pval:.3f}", str(n)])  # fmt: skip
         if len(settings) > 1:
             rows.append([f"_{model}, budget {budget}_"] + [""] * (len(tasks) + 2))
     task_cols = _order({k[1] for k in groups}, order)
     header = ["Method", "Adapter params"] + [labels.get(t, t) for t in task_cols] + ["Avg"]
+    fam_runs = [r for rs in groups.values() for r in rs.values()]
     note = (f"Main metric per task x100, mean ± std over seeds ({', '.join(f'{s[1]}/{s[0]}' for s in settings)}). "
-            "Bold: best mean. †/‡: TalkLoRA better than LoRA/MoELoRA, ↓L/↓M: TalkLoRA worse than LoRA/MoELoRA "
-            "(paired t-test over seeds, p < 0.05).")  # fmt: skip
+            f"Reported split: {', '.join(sorted({r.metrics.get('report_split', 'dev') for r in fam_runs}))}; checkpoint "
+            f"selection: {protocols(fam_runs)}. Bold: best mean. {cmp.legend()}.")  # fmt: skip
     sig = Table(
         f"{title}: significance (paired over seeds)",
         ["Model", "Budget", "Task", "Comparison", "Δ (x100)", "p (paired t)", "seeds"],
@@ -202,7 +236,7 @@ def routing_table(runs: list[Run]) -> Table | None:
         ),
     ):
         fam, task, method, budget, model = key
-        cells = [GLUE_LABEL.get(task, task), METHOD_LABEL.get(method, method), str(len(groups[key]))]
+        cells = [GLUE_LABEL.get(task, task), label(method), str(len(groups[key]))]
         for col, _ in ROUTING_COLS:
             v = [
                 r.routing["aggregate"][col] for r in groups[key].values() if r.routing["aggregate"].get(col) is not None

@@ -194,8 +194,12 @@ class GlueTask(Task):
         return TaskData(
             train=encode(train),
             evals={k: encode(v) for k, v in devs.items()},
-            info={"source": source, "n_train": len(train), "n_val": len(val),
-                  "n_eval": {k or "dev": len(v) for k, v in devs.items()}},  # fmt: skip
+            info={
+                "source": source,
+                "n_train": len(train),
+                "n_val": len(val),
+                "n_eval": {k or "dev": len(v) for k, v in devs.items()},
+            },  # fmt: skip
             val=val_split,
             val_evals={"": val_split} if val_split is not None else None,
         )
