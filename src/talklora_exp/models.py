@@ -57,17 +57,57 @@ def _source(mcfg: Any, cache_root: str | os.PathLike | None) -> tuple[str, dict[
     return path, {"gguf_file": gguf}
 
 
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def base_dtype(requested: str, cpu: bool = False) -> torch.dtype:
+    """`model.dtype`: the frozen base weights' dtype. auto = bf16 on a GPU that supports it, fp32 otherwise."""
+    if requested == "auto":
+        gpu = torch.cuda.is_available() and not cpu
+        return torch.bfloat16 if gpu and torch.cuda.is_bf16_supported() else torch.float32
+    if requested == "fp16" and (cpu or not torch.cuda.is_available()):
+        raise UserError("model.dtype=fp16 needs a CUDA GPU (CPU matmuls in fp16 are slow or missing); use bf16 or fp32")
+    return DTYPES[requested]
+
+
 def load_tokenizer(mcfg: Any, cache_root: str | os.PathLike | None = None) -> Any:
+    """The model's tokenizer; a shape model whose real tokenizer is unreachable falls back to `model.offline_tokenizer`
+    (the run records which one it used)."""
     from transformers import AutoTokenizer
 
     path, kw = _source(mcfg, cache_root)
-    tok = _load(AutoTokenizer.from_pretrained, mcfg, path, **kw)
+    try:
+        tok = _load(AutoTokenizer.from_pretrained, mcfg, path, **kw)
+        tok.talklora_source = mcfg.name
+    except UserError:
+        if not (mcfg.get("shape_only") and mcfg.get("offline_tokenizer")):
+            raise
+        tok = load_tokenizer(mcfg.offline_tokenizer, cache_root)
+        tok.talklora_source = (
+            f"{mcfg.offline_tokenizer.name} (offline stand-in: {mcfg.name}'s tokenizer is unreachable)"
+        )
     if tok.pad_token is None:  # causal LMs: pad with EOS (padding is masked out of loss and attention)
         tok.pad_token = tok.eos_token
     return tok
 
 
-def load_model(mcfg: Any, task: Any, cache_root: str | os.PathLike | None = None, tokenizer: Any = None) -> Any:
+def shape_model(mcfg: Any, tokenizer: Any, dtype: torch.dtype) -> Any:
+    """A paper-shape causal LM with random weights (`model.shape_only`): the published architecture from
+    `model.arch`, depth from `model.num_layers` when set, vocabulary sized to the tokenizer in use. For benchmarks
+    and memory checks only; its metrics mean nothing (metrics.json says so)."""
+    from transformers import AutoModelForCausalLM
+
+    from .dryrun import arch_config
+
+    conf = arch_config(mcfg, None)
+    conf.vocab_size = len(tokenizer)
+    conf.pad_token_id = tokenizer.pad_token_id
+    return AutoModelForCausalLM.from_config(conf, dtype=dtype)
+
+
+def load_model(
+    mcfg: Any, task: Any, cache_root: str | os.PathLike | None = None, tokenizer: Any = None, cpu: bool = False
+) -> Any:
     """A sequence classifier for encoder tasks (num_labels=1 = regression head), a causal LM for generation tasks.
 
     GGUF models are dequantized to full precision by transformers (~15-25 s) and then saved once as a plain HF copy
@@ -76,16 +116,20 @@ def load_model(mcfg: Any, task: Any, cache_root: str | os.PathLike | None = None
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()  # "newly initialised classifier" warnings are expected
+    dtype = base_dtype(str(mcfg.get("dtype", "auto")), cpu)
+    if mcfg.get("shape_only"):
+        return shape_model(mcfg, tokenizer, dtype)
     path, kw = _source(mcfg, cache_root)
     if task.kind == "causal":
-        model = _load(AutoModelForCausalLM.from_pretrained, mcfg, path, dtype=torch.float32, **kw)
-        if kw.get("gguf_file"):
+        if kw.get("gguf_file"):  # dequantize in fp32 once, cache, then cast
+            model = _load(AutoModelForCausalLM.from_pretrained, mcfg, path, dtype=torch.float32, **kw)
             _cache_gguf_conversion(model, tokenizer, gguf_cache_dir(mcfg, cache_root or ".cache/talklora_exp"))
-        return model
+            return model.to(dtype)
+        return _load(AutoModelForCausalLM.from_pretrained, mcfg, path, dtype=dtype, **kw)
     kw["num_labels"] = task.num_labels
     if task.is_regression:
         kw["problem_type"] = "regression"
-    return _load(AutoModelForSequenceClassification.from_pretrained, mcfg, path, **kw)
+    return _load(AutoModelForSequenceClassification.from_pretrained, mcfg, path, dtype=dtype, **kw)
 
 
 def _cache_gguf_conversion(model: Any, tokenizer: Any, out: Path) -> None:

@@ -59,7 +59,7 @@ def build(cfg: DictConfig, accelerator: Accelerator | None = None) -> dict[str, 
         )
     tok = load_tokenizer(cfg.model, cfg.paths.cache_dir)
     set_seed(int(cfg.seed))
-    model = load_model(cfg.model, task, cfg.paths.cache_dir, tok)
+    model = load_model(cfg.model, task, cfg.paths.cache_dir, tok, cpu=bool(cfg.trainer.cpu))
     method = build_method(mcfg)
     targets = list(cfg.model.target_modules)
     layers = find_target_layers(model, targets)
@@ -68,9 +68,34 @@ def build(cfg: DictConfig, accelerator: Accelerator | None = None) -> dict[str, 
     set_resolved(cfg, "method.rank", res.rank)
     if hasattr(mcfg, "resolved_alpha"):
         set_resolved(cfg, "method.alpha", mcfg.resolved_alpha())
-    model = method.inject(model, targets, list(cfg.model.get("head_modules") or []), task.kind)
+    heads = list(cfg.model.get("head_modules") or [])
+    model = method.inject(model, targets, heads, task.kind)
+    keep_heads_precise(model, heads, mcfg.adapter_dtype)
+    if cfg.trainer.get("gradient_checkpointing"):
+        # non-reentrant: works with frozen inputs and with every method's adapters (tested against no checkpointing)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
     task.tokenizer, task.gen = tok, cfg.get("eval")
     return {"task": task, "tokenizer": tok, "model": model, "method": method, "budget": res, "layers": layers}
+
+
+def keep_heads_precise(model: torch.nn.Module, heads: list[str], adapter_dtype: str) -> None:
+    """Trained head modules (classifier, pooler) follow the adapters' precision on a half-precision base: cast to it,
+    with their inputs cast on the way in (the base hands them bf16 activations)."""
+    from .methods.talklora import DTYPES, adapter_param_dtype
+
+    floor = DTYPES[adapter_dtype]
+    for name, mod in model.named_modules():
+        if not any(name == h or name.endswith("." + h) for h in heads) or not any(True for _ in mod.parameters()):
+            continue
+        cur = next(mod.parameters()).dtype
+        dt = adapter_param_dtype(cur, floor)
+        if dt == cur:
+            continue
+        mod.to(dt)
+        mod.register_forward_pre_hook(
+            lambda m, args, dt=dt: tuple(a.to(dt) if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
+        )
 
 
 def load_data(cfg: DictConfig, task: Any, tok: Any) -> Any:
@@ -187,7 +212,11 @@ def _run_locked(cfg: DictConfig, run_dir: Path, ident: dict, acc: Accelerator, m
         **counts,
         "data": data.info,
         "device": device_name(acc),
+        "tokenizer": getattr(tok, "talklora_source", cfg.model.name),
     }
+    if cfg.model.get("shape_only"):
+        base["shape_model"] = {"random_weights": True, "vocab_size": len(tok),
+                               "note": "random-weight paper-shape model, for benchmarks and memory checks: its metrics mean nothing"}  # fmt: skip
     t_start = time.time()
     try:
         trainer = Trainer(tcfg, acc, model, task, data, task.collator(tok), method.hooks(model), logger,

@@ -21,8 +21,9 @@ class MethodConfig:
     rank: int = 8
     dropout: float = 0.05
     num_experts: int = 1  # budget solving searches ranks that are multiples of this
+    adapter_dtype: str = "fp32"  # adapters are kept at least this precise (upstream: fp32 adapters on a bf16 base)
 
-    choices: ClassVar[dict[str, tuple]] = {}
+    choices: ClassVar[dict[str, tuple]] = {"adapter_dtype": ("fp32", "bf16", "fp16")}
 
     @classmethod
     def from_dict(cls, d: Any) -> MethodConfig:
@@ -115,7 +116,11 @@ class MixtureConfig(MethodConfig):
     top_k: int | None = None
     balance_loss: float = 0.0
 
-    choices: ClassVar[dict[str, tuple]] = {"talk": ("learned", "identity", "off"), "router_input": ("x", "h", "talked")}
+    choices: ClassVar[dict[str, tuple]] = {
+        **MethodConfig.choices,
+        "talk": ("learned", "identity", "off"),
+        "router_input": ("x", "h", "talked"),
+    }
 
     def validate(self) -> None:
         super().validate()  # rank % num_experts is checked where the rank is final (after budget solving)

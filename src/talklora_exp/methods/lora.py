@@ -31,7 +31,11 @@ class LoRAMethod(Method):
         from peft import get_peft_model
 
         find_target_layers(model, targets)  # the clear error when nothing matches
-        return get_peft_model(model, self._peft_config(targets, head_modules, task_kind))
+        # peft keeps adapters in fp32 on a half-precision base unless asked not to (adapter_dtype)
+        autocast = self.cfg.adapter_dtype == "fp32"
+        return get_peft_model(
+            model, self._peft_config(targets, head_modules, task_kind), autocast_adapter_dtype=autocast
+        )
 
     def adapter_param_names(self, model: nn.Module) -> list[str]:
         return [n for n, _ in model.named_parameters() if "lora_" in n]

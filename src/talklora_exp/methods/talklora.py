@@ -40,6 +40,15 @@ ROUTER_INPUTS = ("x", "h", "talked")
 SHARED_B_ATTR = "talklora_shared_b"  # registered once on the model root, so state_dict holds each shared B once
 
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
+
+
+def adapter_param_dtype(base: torch.dtype, floor: torch.dtype) -> torch.dtype:
+    """Adapters are kept at least at `method.adapter_dtype` (fp32 by default, as upstream, whose adapters are fp32 on
+    a bf16 base); a wider base (fp32, or fp64 in the exactness tests) keeps its own dtype."""
+    return base if base.itemsize >= floor.itemsize else floor
+
+
 def _kaiming(t: torch.Tensor) -> torch.Tensor:
     return nn.init.kaiming_uniform_(t, a=math.sqrt(5))
 
@@ -61,6 +70,7 @@ class TalkLoRALinear(nn.Module):
         alpha: float = 64.0,
         shared_b: nn.ParameterDict | None = None,
         shared_key: str | None = None,
+        adapter_dtype: torch.dtype = torch.float32,
     ):
         super().__init__()
         if rank % num_experts:
@@ -77,7 +87,7 @@ class TalkLoRALinear(nn.Module):
         self.router_input, self.top_k = router_input, top_k
         self.scale = alpha / rank if scaling else 1.0
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        dev, dt = base.weight.device, base.weight.dtype
+        dev, dt = base.weight.device, adapter_param_dtype(base.weight.dtype, adapter_dtype)
         self.lora_A = nn.Parameter(_kaiming(torch.empty(rank, self.d_in, device=dev, dtype=dt)))
         # M_i in nn.Linear convention (y = M_i h_i); kaiming per expert so fan_in is k, as upstream.
         self.lora_M = (
@@ -204,7 +214,8 @@ class MixtureMethod(Method):
     def _layer_kwargs(self) -> dict[str, Any]:
         c = self.cfg
         return dict(num_experts=c.num_experts, dropout=c.dropout, talk=c.talk, expert_mixer=c.expert_mixer,
-                    router_input=c.router_input, top_k=c.top_k, scaling=c.scaling, alpha=c.alpha)  # fmt: skip
+                    router_input=c.router_input, top_k=c.top_k, scaling=c.scaling, alpha=c.alpha,
+                    adapter_dtype=DTYPES[c.adapter_dtype])  # fmt: skip
 
     def param_count(self, layers: list[TargetLayer], rank: int) -> int:
         """Adapter parameters by formula (tests check this against the instantiated modules)."""
@@ -229,11 +240,12 @@ class MixtureMethod(Method):
         shared = None
         if self.cfg.share_b:
             ref = model.get_submodule(layers[0].path).weight
+            dt = adapter_param_dtype(ref.dtype, kw["adapter_dtype"])
             shared = nn.ParameterDict()
             for t in layers:
                 key = t.proj_type.replace(".", "__").replace("*", "N")  # ParameterDict keys cannot contain dots
                 if key not in shared:
-                    shared[key] = nn.Parameter(torch.zeros(t.d_out, rank, device=ref.device, dtype=ref.dtype))
+                    shared[key] = nn.Parameter(torch.zeros(t.d_out, rank, device=ref.device, dtype=dt))
             model.add_module(SHARED_B_ATTR, shared)
         for t in layers:
             parent, child = _get_parent(model, t.path)

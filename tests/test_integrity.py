@@ -1,0 +1,178 @@
+"""Sweeps you can trust: a run is its config hash (skip/resume only on a match), one process per run dir, corrupt
+checkpoints are never loaded."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import CONF, ROOT, compose_cfg
+
+from talklora_exp import checkpoint as ckpt
+from talklora_exp.identity import NOT_RESULTS, ConfigMismatch, diff_keys, identity
+
+TINY = ["method=lora", "task=glue/rte", "trainer.max_steps=2", "trainer.batch_size=8", "model.max_length=32",
+        "trainer.progress=false", "task.val_size=8", "trainer.eval_every=2"]  # fmt: skip
+
+
+def test_hash_ignores_only_the_named_keys():
+    a = identity(compose_cfg(TINY))
+    assert a == identity(compose_cfg([*TINY, "trainer.progress=true", "trainer.checkpoint_every=5", "tag=x"]))
+    b = identity(compose_cfg([*TINY, "trainer.lr=0.01"]))
+    assert b["config_hash"] != a["config_hash"] and diff_keys(a["config"], b["config"]) == [
+        "trainer.lr: 0.0005 -> 0.01"
+    ]
+    c = identity(compose_cfg([*TINY, "seed=7"]))
+    assert c["config_hash"] != a["config_hash"] and c["group_hash"] == a["group_hash"]  # same table cell
+    assert not any(k.startswith(("paths.", "hydra.")) for k in a["config"]) and "trainer.lr" in a["config"]
+    assert "trainer.progress" in NOT_RESULTS and "trainer.lr" not in NOT_RESULTS
+
+
+@pytest.mark.slow
+def test_changed_config_is_refused_then_redone_with_overwrite(glue_dir, tmp_path):
+    from talklora_exp.run import run
+
+    d = tmp_path / "run"
+    first = run(compose_cfg([*TINY, f"paths.data_dir={glue_dir}"]), d)
+    assert run(compose_cfg([*TINY, f"paths.data_dir={glue_dir}"]), d) is None  # same hash: skipped
+    with pytest.raises(
+        ConfigMismatch,
+        match=r"it holds a completed run of a different config \(1 key\(s\) differ: trainer\.lr: 0\.0005 -> 0\.002\)",
+    ):
+        run(compose_cfg([*TINY, f"paths.data_dir={glue_dir}", "trainer.lr=2e-3"]), d)
+    assert json.loads((d / "metrics.json").read_text())["config_hash"] == first["config_hash"]  # untouched
+    redo = run(compose_cfg([*TINY, f"paths.data_dir={glue_dir}", "trainer.lr=2e-3", "overwrite=true"]), d)
+    assert redo["status"] == "completed" and redo["config_hash"] != first["config_hash"]
+
+
+def _env(data):
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "TALKLORA_DATA_DIR": str(data), "OMP_NUM_THREADS": "1"}
+
+
+@pytest.mark.slow
+def test_editing_a_preset_stops_the_sweep_naming_the_key(glue_dir, tmp_path):
+    conf = tmp_path / "conf"
+    shutil.copytree(CONF, conf)
+    preset = conf / "experiment" / "tiny.yaml"
+    body = ("# @package _global_\\nsweep_name: tiny\\ntrainer:\\n  lr: 1.0e-3\\n  max_steps: 2\\n  batch_size: 8\\n"
+            "  progress: false\\n  eval_every: 2\\nmodel:\\n  max_length: 32\\ntask:\\n  val_size: 8\\n"
+            "hydra:\\n  sweeper:\\n    params:\\n      seed: 1,2\\n")  # fmt: skip
+    preset.write_text(body)
+    env = {**_env(glue_dir), "TALKLORA_CONF_DIR": str(conf)}
+    args = [
+        sys.executable,
+        "-m",
+        "talklora_exp",
+        "-m",
+        "experiment=tiny",
+        "task=glue/rte",
+        f"paths.results_dir={tmp_path}/res",
+    ]
+    r = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    runs = sorted((tmp_path / "res" / "sweeps" / "tiny").glob("*seed=*"))
+    assert len(runs) == 2 and all(json.loads((d / "metrics.json").read_text())["status"] == "completed" for d in runs)
+    preset.write_text(body.replace("lr: 1.0e-3", "lr: 5.0e-3"))
+    r = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 2
+    err = r.stderr.strip().splitlines()
+    assert len(err) == 1 and "trainer.lr: 0.001 -> 0.005" in err[0] and "overwrite=true" in err[0]
+    r = subprocess.run([*args, "overwrite=true"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert all(json.loads((d / "identity.json").read_text())["config"]["trainer.lr"] == 5e-3 for d in runs)
+
+
+@pytest.mark.slow
+def test_second_process_on_a_busy_run_dir_exits_at_once(glue_dir, tmp_path):
+    d = tmp_path / "busy"
+    args = [sys.executable, "-m", "talklora_exp", *[a for a in TINY if "max_steps" not in a], "trainer.max_steps=60",
+            f"hydra.run.dir={d}"]  # fmt: skip
+    first = subprocess.Popen(
+        args, cwd=ROOT, env=_env(glue_dir), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.time() + 240
+    while not (d / "train_log.jsonl").exists():  # the first run holds the lock and is training
+        assert first.poll() is None and time.time() < deadline, (
+            first.stderr.read() if first.poll() is not None else "timeout"
+        )
+        time.sleep(0.2)
+    second = subprocess.run(args, cwd=ROOT, env=_env(glue_dir), capture_output=True, text=True, timeout=120)
+    assert second.returncode == 2
+    assert second.stderr.strip().splitlines() == [f"error: {d} is in use by another process (pid {first.pid}); "
+                                                  "wait for it to finish, or use another hydra.run.dir"]  # fmt: skip
+    out, err = first.communicate(timeout=600)
+    assert first.returncode == 0, err[-2000:]
+    assert json.loads((d / "metrics.json").read_text())["status"] == "completed"
+
+
+def _state(step: int) -> dict:
+    return {"loop": {"step": step}, "trainable": [torch.full((2,), float(step))]}
+
+
+def test_corrupt_or_half_written_checkpoints_are_never_loaded(tmp_path):
+    root = tmp_path / "checkpoints"
+    ckpt.save(root, 4, _state(4))
+    ckpt.save(root, 8, _state(8))
+    assert ckpt.load_latest(root)["loop"]["step"] == 8
+    (root / "step-12.tmp").mkdir()  # a crash mid-write leaves a temp dir: ignored
+    (root / "step-12.tmp" / "state.pt").write_bytes(b"partial")
+    assert ckpt.load_latest(root)["loop"]["step"] == 8
+    blob = bytearray((root / "step-8" / "state.pt").read_bytes())
+    blob[len(blob) // 2] ^= 0xFF  # one flipped byte: the checksum catches it, the previous checkpoint is used
+    (root / "step-8" / "state.pt").write_bytes(bytes(blob))
+    assert ckpt.load_latest(root)["loop"]["step"] == 4
+    (root / "step-4" / "state.pt").write_bytes(b"")  # truncated too: nothing usable, and it says so
+    with pytest.raises(
+        ckpt.NoUsableCheckpoint, match=r"no usable checkpoint in .*step-8: ValueError: checksum mismatch; step-4"
+    ):
+        ckpt.load_latest(root)
+    assert ckpt.load_latest(tmp_path / "none") is None
+
+
+def test_pointer_to_a_missing_dir_and_keep_two(tmp_path):
+    root = tmp_path / "c"
+    for s in (2, 4, 6):
+        ckpt.save(root, s, _state(s))
+    assert sorted(p.name for p in root.glob("step-*")) == ["step-4", "step-6"]
+    shutil.rmtree(root / "step-6")  # the pointer names a dir that is gone: the newest complete one is used
+    assert json.loads((root / "latest.json").read_text())["dir"] == "step-6"
+    assert ckpt.load_latest(root)["loop"]["step"] == 4
+
+
+@pytest.mark.slow
+def test_resume_refuses_a_checkpoint_of_another_config(glue_dir, tmp_path, monkeypatch):
+    from talklora_exp.errors import UserError
+    from talklora_exp.run import run
+
+    d = tmp_path / "r"
+    base = [
+        *TINY,
+        f"paths.data_dir={glue_dir}",
+        "trainer.max_steps=6",
+        "trainer.checkpoint_every=2",
+        "trainer.resume=auto",
+    ]
+    real = ckpt.save
+
+    def crash(*a, **k):
+        out = real(*a, **k)
+        if a[1] == 4:
+            raise SystemExit("killed")
+        return out
+
+    monkeypatch.setattr(ckpt, "save", crash)
+    with pytest.raises(SystemExit):
+        run(compose_cfg(base), d)
+    monkeypatch.setattr(ckpt, "save", real)
+    with pytest.raises(ConfigMismatch, match=r"its checkpoint is of a different config .*trainer\\.lr"):
+        run(compose_cfg([*base, "trainer.lr=0.01"]), d)
+    (d / "checkpoints" / "step-4" / "state.pt").write_bytes(b"junk")
+    (d / "checkpoints" / "step-2" / "state.pt").write_bytes(b"junk")
+    with pytest.raises(UserError, match="no usable checkpoint in .*; rerun without trainer.resume=auto"):
+        run(compose_cfg(base), d)
