@@ -123,18 +123,20 @@ def test_every_experiment_preset_runs_through_hydra():
 
 
 @pytest.mark.parametrize("preset", group_options("experiment"))
-def test_every_preset_grid_dry_runs(preset):
+def test_every_preset_grid_dry_runs(preset, capsys):
+    """Each preset's whole grid, expanded by Hydra's sweeper (in-process: the same code path as the CLI)."""
     from talklora_exp.cli import CONF_DIR
+    from talklora_exp.dryrun import dry_run
 
-    r = _dry(f"experiment={preset}")
-    assert r.returncode == 0, r.stderr[-2000:] + r.stdout[-2000:]
-    lines = r.stdout.strip().splitlines()
+    rows, code = dry_run([f"experiment={preset}"])
+    out = capsys.readouterr().out.strip().splitlines()
     params = OmegaConf.load(CONF_DIR / "experiment" / f"{preset}.yaml").hydra.sweeper.params
     expected = 1
     for v in params.values():
         expected *= len(str(v).split(","))
-    assert lines[-1] == f"{expected} jobs, {expected} OK" and len(lines) == expected + 1
-    assert all(" rank " in x and "adapter params" in x and "est. GPU peak" in x for x in lines[:-1])
+    assert code == 0 and len(rows) == expected and out[-1] == f"{expected} jobs, {expected} OK", out[-3:]
+    assert all(r["rank"] > 0 and r["adapter_params"] > 0 and r["memory"]["total_gb"] > 0 for r in rows)
+    assert len({tuple(r["overrides"]) for r in rows}) == expected
 
 
 def test_dry_run_keeps_hydra_syntax_intact():
@@ -152,12 +154,14 @@ def test_dry_run_keeps_hydra_syntax_intact():
 
 
 def test_paper_preset_is_upstreams_train_sh():
-    r = _dry("experiment=commonsense_table_paper")
-    rows = {x.split()[0]: x for x in r.stdout.splitlines() if "seed=36" in x}
+    from talklora_exp.dryrun import dry_run
+
+    rows, code = dry_run(["experiment=commonsense_table_paper"])
+    by = {(r["method"], r["overrides"][1]): r for r in rows}
     # rank 32 for all three (no budget solving); the paper's parameter counts on LLaMA3-8B q,k,v,up,down
-    assert "rank   32  adapter params  56,623,104" in rows["method=lora"]
-    assert "rank   32  adapter params  32,307,712" in rows["method=talklora"]
-    assert "rank   32" in rows["method=moelora"]
+    assert code == 0 and {r["rank"] for r in rows} == {32} and {o[1] for o in by} == {"seed=36", "seed=37", "seed=38"}
+    assert by[("lora", "seed=36")]["adapter_params"] == 56_623_104
+    assert by[("talklora", "seed=36")]["adapter_params"] == 32_307_712
 
 
 def test_commonsense_all_run_expands_into_task_columns(tmp_path: Path):

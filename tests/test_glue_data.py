@@ -18,6 +18,8 @@ def test_loader_on_written_files(glue_dir: Path, task: str):
     assert all(len(v) == 16 for v in devs.values())
     ex = train[0]
     assert ex.text[0] == "a great and wonderful film"
+    # pair tasks read both columns (the fixture writes a different second sentence, so reading one twice fails)
+    assert ex.text[1:] == (() if task in ("cola", "sst2") else ("2nd: a great and wonderful film",))
     if task == "stsb":
         assert ex.label == pytest.approx(4.5)
     elif task == "mnli":
@@ -101,3 +103,30 @@ SHARED_COUNTS = {
 def test_real_shared_glue(shared_data: Path, task: str):
     train, devs, _ = _load_local(task, GLUE_SPECS[task], str(shared_data))
     assert (len(train), len(devs[""])) == SHARED_COUNTS[task]
+
+
+def test_hub_loader_maps_columns_and_splits(monkeypatch):
+    """The hub path (nyu-mll/glue) without the network: a fake load_dataset with the hub's column names."""
+    import datasets
+
+    from talklora_exp.tasks.glue import _load_hub
+
+    calls = []
+
+    def fake(name, task):
+        calls.append((name, task))
+        row = {"premise": "p", "hypothesis": "h", "label": 2}
+        return {"train": [row] * 3, "validation_matched": [row], "validation_mismatched": [row, row]}
+
+    monkeypatch.setattr(datasets, "load_dataset", fake)
+    train, devs, source = _load_hub("mnli", GLUE_SPECS["mnli"], None)
+    assert calls == [("nyu-mll/glue", "mnli")] and source == "hub:nyu-mll/glue"
+    assert [e.text for e in train] == [("p", "h")] * 3 and train[0].label == 2
+    assert {k: len(v) for k, v in devs.items()} == {"matched_": 1, "mismatched_": 2}
+
+
+def test_regression_label_out_of_range(tmp_path: Path):
+    h = ["index", "genre", "filename", "year", "old_index", "source1", "source2", "sentence1", "sentence2", "score"]
+    p = write_tsv(tmp_path / "sts.tsv", h, [["0", "g", "f", "y", "0", "s", "s", "a", "b", "5.5"]])
+    with pytest.raises(UserError, match=r"sts\.tsv:2: label '5\.5' outside the task's range \[0, 5\]"):
+        read_glue_tsv(p, GLUE_SPECS["stsb"])

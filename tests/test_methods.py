@@ -1,9 +1,11 @@
 """TalkLoRA / MoELoRA math: hand-computed cases, special-case reductions, loop equivalence, parameter counts."""
 
+import copy
 import math
 
 import pytest
 import torch
+from conftest import ROOT
 from omegaconf import OmegaConf
 from torch import nn
 
@@ -72,6 +74,24 @@ def test_hand_computed_single_layer():
     assert lyr(x).item() == pytest.approx(expected, rel=1e-6)
 
 
+def test_hand_computed_talk_identity_keeps_t_at_the_identity():
+    """talk=identity initialises T = I (learned from there): at init the router sees h itself, not the swap."""
+    base = nn.Linear(2, 1, bias=False)
+    base.weight.data = torch.tensor([[1.0, 0.0]])
+    lyr = TalkLoRALinear(base, rank=2, num_experts=2, dropout=0.0, talk="identity")
+    torch.testing.assert_close(lyr.lora_T.data, torch.eye(2))
+    assert lyr.lora_T.requires_grad
+    with torch.no_grad():
+        lyr.lora_A.copy_(torch.eye(2))
+        lyr.lora_M.copy_(torch.tensor([[[2.0]], [[3.0]]]))
+        lyr.lora_router.copy_(torch.tensor([[1.0, 0.0], [0.0, 0.0]]))  # logit_1 = h_1 (no swap)
+        lyr.lora_B.copy_(torch.tensor([[1.0, 1.0]]))
+    x = torch.tensor([[1.0, 2.0]])
+    # h=(1,2); talked=h; logits=(1,0); y = x_1 + g1*2*1 + g2*3*2
+    g1 = math.exp(1) / (math.exp(1) + 1)
+    assert lyr(x).item() == pytest.approx(1.0 + g1 * 2.0 + (1 - g1) * 6.0, rel=1e-6)
+
+
 @pytest.mark.parametrize(
     "over",
     [{}, {"talk": "identity"}, {"router_input": "h"}, {"expert_mixer": False}, {"share_b": False}, {"top_k": 2},
@@ -110,11 +130,21 @@ def test_one_expert_moelora_equals_peft_lora():
     torch.testing.assert_close(moe(x), lora(x))
 
 
-def test_talklora_with_everything_off_equals_moelora():
-    reduced = {**TALK, "talk": "off", "expert_mixer": False, "share_b": False, "router_input": "x"}
-    _, a = inject(reduced)
-    _, b = inject(MOE)
+def _yaml(name: str) -> dict:
+    return OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "method" / f"{name}.yaml"))
+
+
+def test_real_talklora_config_with_communication_off_is_the_real_moelora():
+    """conf/method/talklora.yaml with its four communication fields switched off is conf/method/moelora.yaml, field
+    for field (rank, E, dropout, scaling, routing...), and builds the same layers: parameters and outputs agree."""
+    talk, moe = _yaml("talklora"), _yaml("moelora")
+    reduced = {**talk, "talk": "off", "expert_mixer": False, "share_b": False, "router_input": "x"}
+    assert {k: v for k, v in reduced.items() if k != "name"} == {k: v for k, v in moe.items() if k != "name"}
+    assert {k for k in talk if talk[k] != moe[k]} == {"name", "talk", "expert_mixer", "share_b", "router_input"}
+    _, a = inject({**reduced, "dropout": 0.0})
+    _, b = inject({**moe, "dropout": 0.0})
     randomize(a)
+    assert a.state_dict().keys() == b.state_dict().keys()
     b.load_state_dict(a.state_dict())
     a.eval()
     b.eval()
@@ -123,10 +153,15 @@ def test_talklora_with_everything_off_equals_moelora():
 
 
 def test_zero_b_is_a_noop_and_shapes():
-    _, model = inject(TALK)
+    torch.manual_seed(0)
+    ref = Tiny()
+    _, model = inject(TALK, model=copy.deepcopy(ref))  # B is zero at init: the adapted model is the base model
     x = torch.randn(2, 5, 6)
     lyr = model.layers[0].q_proj
-    torch.testing.assert_close(model(x), Tiny.forward(model, x))
+    torch.testing.assert_close(model(x), ref(x))
+    with torch.no_grad():
+        next(iter(model.talklora_shared_b.values())).fill_(0.1)
+    assert not torch.allclose(model(x), ref(x))  # and the comparison can fail
     assert lyr.lora_A.shape == (8, 6) and lyr.lora_M.shape == (4, 2, 2) and lyr.lora_T.shape == (4, 4)
     assert lyr.lora_router.shape == (4, 8) and lyr.B.shape == (6, 8) and lyr.lora_B is None
 
@@ -194,13 +229,26 @@ def test_balance_loss_is_switch_style():
     g = torch.tensor([[0.9, 0.1], [0.8, 0.2], [0.3, 0.7]])
     # f = (2/3, 1/3), P = (2/3, 1/3) -> E * sum f*P = 2 * (4/9 + 1/9)
     assert lyr._balance_loss(g).item() == pytest.approx(2 * 5 / 9)
+    # E * sum f P is not bounded below by 1: f = (1/3, 2/3), P = (1.7/3, 1.3/3) gives 2 * 4.3/9 = 0.956
+    g = torch.tensor([[0.9, 0.1], [0.4, 0.6], [0.4, 0.6]])
+    assert lyr._balance_loss(g).item() == pytest.approx(2 * (1 / 3 * 1.7 / 3 + 2 / 3 * 1.3 / 3))
+    # the trainer's aux loss: weight x mean over layers of E * sum f P, recomputed here from each layer's own input
     method, model = inject({**TALK, "balance_loss": 0.1})
     hooks = method.hooks(model)
     randomize(model)
     model.train()
+    seen = {}
+    for lyr_ in hooks.layers:
+        lyr_.register_forward_pre_hook(lambda m, a: seen.__setitem__(m.name, a[0].detach()))
     model(torch.randn(2, 5, 6))
+    expect = []
+    for lyr_ in hooks.layers:
+        gg = lyr_.probs(seen[lyr_.name]).reshape(-1, 4)
+        f = nn.functional.one_hot(gg.argmax(-1), 4).float().mean(0)
+        expect.append(4 * (f * gg.mean(0)).sum())
     aux = hooks.aux_loss()
-    assert aux is not None and aux.item() >= 0.1 * 1.0 - 1e-6  # E*sum f P >= 1 with equality only when balanced
+    assert aux.item() == pytest.approx(0.1 * torch.stack(expect).mean().item(), rel=1e-5)
+    assert hooks.aux_loss() is None  # consumed: never added twice
 
 
 def test_save_load_roundtrip(tmp_path):

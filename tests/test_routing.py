@@ -69,7 +69,9 @@ def test_recorder_skips_padding_and_constant_router_has_zero_sensitivity():
     assert out["sensitivity"] == pytest.approx(0.0)
 
 
-def test_sensitivity_of_a_real_layer_is_positive_and_scale_free():
+def test_sensitivity_of_a_real_layer_matches_its_definition():
+    """(|g(x+dx) - g(x)| / |g(x)|) / (|dx| / |x|) per token, averaged, with |dx| = 1% of |x| in a random direction:
+    recomputed here with the recorder's own noise stream (seed 0)."""
     from talklora_exp.methods.talklora import TalkLoRALinear
 
     torch.manual_seed(0)
@@ -77,7 +79,14 @@ def test_sensitivity_of_a_real_layer_is_positive_and_scale_free():
     lyr.name = "l"
     rec = RoutingRecorder([lyr])
     rec.start()
-    lyr(torch.randn(4, 7, 16))
+    x = torch.randn(4, 7, 16)
+    lyr(x)
     out = rec.stop()
+    xf = x.reshape(-1, 16)
+    noise = torch.randn(xf.shape, generator=torch.Generator().manual_seed(0))
+    dx = noise / noise.norm(dim=-1, keepdim=True) * 0.01 * xf.norm(dim=-1, keepdim=True)
+    g0, g1 = lyr.probs(xf), lyr.probs(xf + dx)
+    expected = (((g1 - g0).norm(dim=-1) / g0.norm(dim=-1)) / 0.01).mean().item()
+    assert out["layers"]["l"]["sensitivity"] == pytest.approx(expected, rel=1e-5)
     assert out["layers"]["l"]["sensitivity"] > 0 and out["layers"]["l"]["tokens"] == 28
     assert not rec.active and rec.acc == {}

@@ -95,3 +95,27 @@ def print_summary(jobs: list[dict[str, Any]]) -> int:
     bad = [j for j in jobs if "error" in j]
     print(f"{len(jobs)} jobs, {len(jobs) - len(bad)} OK" + (f", {len(bad)} would fail" if bad else ""))
     return 2 if bad else 0
+
+
+def dry_run(argv: list[str]) -> tuple[list[dict[str, Any]], int]:
+    """In-process `python -m talklora_exp -m <argv> +dry_run=true`: (job rows, exit code). Used by the tests, which
+    dry-run every preset without paying a Python start per preset."""
+    import sys
+
+    from hydra.core.global_hydra import GlobalHydra
+
+    from . import cli
+
+    saved = sys.argv
+    cli.DRY_RUN_JOBS.clear()
+    GlobalHydra.instance().clear()
+    sys.argv = [saved[0], "-m", *[a for a in argv if a != "-m"], "+dry_run=true"]
+    code = 0
+    try:
+        cli.main()
+    except SystemExit as e:
+        code = int(e.code or 0)
+    finally:
+        sys.argv = saved
+        GlobalHydra.instance().clear()
+    return list(cli.DRY_RUN_JOBS), code

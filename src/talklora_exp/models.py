@@ -129,7 +129,8 @@ def load_model(
     kw["num_labels"] = task.num_labels
     if task.is_regression:
         kw["problem_type"] = "regression"
-    return _load(AutoModelForSequenceClassification.from_pretrained, mcfg, path, dtype=dtype, **kw)
+    model = _load(AutoModelForSequenceClassification.from_pretrained, mcfg, path, dtype=dtype, **kw)
+    return apply_pooling(model, str(mcfg.get("pooling", "cls")))
 
 
 def _cache_gguf_conversion(model: Any, tokenizer: Any, out: Path) -> None:
@@ -147,3 +148,41 @@ def _cache_gguf_conversion(model: Any, tokenizer: Any, out: Path) -> None:
 
         shutil.rmtree(out)
     tmp.rename(out)  # only a complete copy is ever picked up
+
+
+class MeanPooler(torch.nn.Module):
+    """`model.pooling=mean`: the pooler's dense + activation applied to the mean of the non-padding token states
+    instead of the first ([CLS]) token. Sentence-embedding models such as all-MiniLM-L6-v2 were trained to be read
+    this way; their [CLS] state never was. The attention mask reaches it through a pre-hook on the encoder."""
+
+    def __init__(self, pooler: torch.nn.Module):
+        super().__init__()
+        self.dense, self.activation = pooler.dense, pooler.activation
+        self.mask: torch.Tensor | None = None
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        m = self.mask
+        if m is None or m.shape != hidden.shape[:2]:
+            m = torch.ones(hidden.shape[:2], device=hidden.device)
+        m = m.to(hidden.dtype).unsqueeze(-1)
+        mean = (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
+        return self.activation(self.dense(mean))
+
+
+def apply_pooling(model: Any, mode: str) -> Any:
+    """Sequence classifiers: `cls` keeps the model's own pooler, `mean` swaps in MeanPooler (same trained weights)."""
+    if mode == "cls":
+        return model
+    if mode != "mean":
+        raise UserError(f"model.pooling={mode!r}; allowed: ['cls', 'mean']")
+    enc = model.base_model
+    pooler = getattr(enc, "pooler", None)
+    if pooler is None or not hasattr(pooler, "dense"):
+        raise UserError(f"model.pooling=mean: {type(model).__name__} has no pooler with a dense layer to reuse")
+    enc.pooler = MeanPooler(pooler)
+
+    def keep_mask(module: Any, args: tuple, kwargs: dict) -> None:
+        enc.pooler.mask = kwargs.get("attention_mask")
+
+    enc.register_forward_pre_hook(keep_mask, with_kwargs=True)
+    return model

@@ -46,6 +46,8 @@ RULES: dict[str, tuple[str, Any]] = {
     "trainer.gradient_checkpointing": ("bool", None),
     "model.max_length": ("int", (1, None)),
     "model.dtype": ("choice", ("auto", "bf16", "fp16", "fp32")),
+    "model.pooling": ("choice", ("cls", "mean")),
+    "model.num_layers": ("int?", (1, None)),
     "task.val_size": ("int", (0, None)),
     "task.val_seed": ("int", (None, None)),
     "task.prompt_max_length": ("int", (1, None)),

@@ -7,14 +7,19 @@ from typing import Any
 
 from ..errors import UserError
 from .base import Method, TargetLayer, find_target_layers
-from .config import LoRAConfig, MethodConfig, MixtureConfig
-from .lora import LoRAMethod
+from .config import DoRAConfig, HiRAConfig, LoRAConfig, MethodConfig, MixtureConfig, TeamLoRAConfig
+from .hira import HiRAMethod
+from .lora import DoRAMethod, LoRAMethod
 from .talklora import MixtureMethod, TalkLoRALinear
+from .teamlora import TeamLoRAMethod
 
 METHODS: dict[str, tuple[type[Method], type[MethodConfig]]] = {
     "lora": (LoRAMethod, LoRAConfig),
     "moelora": (MixtureMethod, MixtureConfig),
     "talklora": (MixtureMethod, MixtureConfig),
+    "teamlora": (TeamLoRAMethod, TeamLoRAConfig),
+    "hira": (HiRAMethod, HiRAConfig),
+    "dora": (DoRAMethod, DoRAConfig),
 }
 
 

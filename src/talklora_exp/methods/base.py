@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,3 +89,90 @@ def mark_trainable(model: nn.Module, keep: list[str], head_modules: list[str]) -
     for n, p in model.named_parameters():
         in_head = any(n == h or n.startswith(h + ".") or f".{h}." in f".{n}" for h in heads)
         p.requires_grad = any(k in n for k in keep) or in_head
+
+
+def get_parent(model: nn.Module, path: str) -> tuple[nn.Module, str]:
+    parent_path, _, child = path.rpartition(".")
+    return (model.get_submodule(parent_path) if parent_path else model), child
+
+
+def switch_balance_loss(g: torch.Tensor, recorder: Any = None) -> torch.Tensor:
+    """Switch-Transformer balance loss E * sum_i f_i P_i over (non-padding) tokens: f = top-1 shares, P = mean gates."""
+    E = g.shape[-1]
+    g2 = g.reshape(-1, E)
+    mask = recorder.token_mask(g.shape[:-1]) if recorder is not None else None
+    if mask is not None:
+        g2 = g2[mask.reshape(-1)]
+    f = torch.nn.functional.one_hot(g2.argmax(-1), E).to(g2.dtype).mean(0)
+    return E * (f * g2.mean(0)).sum()
+
+
+class RoutedHooks(TrainHooks):
+    """For routed layers (MoELoRA, TalkLoRA, TeamLoRA): routing statistics over non-padding tokens, and the optional
+    balance loss. A routed layer has `name`, `probs(x)`, `last_aux` and calls its recorder in forward."""
+
+    def __init__(self, layers: list[nn.Module], balance_weight: float):
+        from ..routing import RoutingRecorder
+
+        self.layers = layers
+        self.balance_weight = balance_weight
+        self.routing = RoutingRecorder(layers)
+
+    def set_batch(self, batch: dict) -> None:
+        self.routing.set_mask(batch.get("attention_mask"))
+
+    def aux_loss(self) -> torch.Tensor | None:
+        if self.balance_weight <= 0:
+            return None
+        terms = [lyr.last_aux for lyr in self.layers if lyr.last_aux is not None]
+        for lyr in self.layers:
+            lyr.last_aux = None
+        return self.balance_weight * torch.stack(terms).mean() if terms else None
+
+
+class AdapterMethod(Method):
+    """A method that wraps each target nn.Linear in its own module (the mixtures, HiRA): trainable tensors are found
+    by name markers (`keep`), saved as safetensors with the method config, and loaded back strictly."""
+
+    keep: tuple[str, ...] = ("lora_",)
+    layer_type: type[nn.Module] = nn.Module
+    routed = False  # True: the layers route tokens (routing statistics, balance loss)
+
+    def layers(self, model: nn.Module) -> list[nn.Module]:
+        return [m for m in model.modules() if isinstance(m, self.layer_type)]
+
+    def hooks(self, model: nn.Module) -> TrainHooks:
+        if not self.routed:
+            return TrainHooks()
+        return RoutedHooks(self.layers(model), float(getattr(self.cfg, "balance_loss", 0.0)))
+
+    def adapter_param_names(self, model: nn.Module) -> list[str]:
+        return [n for n, p in model.named_parameters() if any(k in n for k in self.keep)]
+
+    def save(self, model: nn.Module, out_dir: Path) -> None:
+        """Trainable tensors (adapters, shared tensors once, task head) as safetensors, plus the method config."""
+        from safetensors.torch import save_file
+
+        out_dir.mkdir(parents=True, exist_ok=True)
+        state = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+        save_file(state, str(out_dir / "adapter_model.safetensors"))
+        meta = {"method": self.cfg.as_dict(), "tensors": sorted(state)}
+        (out_dir / "adapter_config.json").write_text(json.dumps(meta, indent=2))
+
+    def load(self, model: nn.Module, in_dir: Path) -> nn.Module:
+        """Every saved tensor must exist in the model with the same shape, and every trainable tensor must be saved."""
+        from safetensors.torch import load_file
+
+        state = load_file(str(in_dir / "adapter_model.safetensors"))
+        params = dict(model.named_parameters())
+        missing = sorted(n for n in state if n not in params)
+        wrong = sorted(n for n in state if n in params and tuple(params[n].shape) != tuple(state[n].shape))
+        absent = sorted(n for n, p in params.items() if p.requires_grad and n not in state)
+        if missing or wrong or absent:
+            what = (f"unknown tensors {missing[:3]}" if missing else f"shape mismatch for {wrong[:3]}" if wrong
+                    else f"no saved value for {absent[:3]}")  # fmt: skip
+            raise UserError(f"{in_dir}: adapter does not fit this model/method config ({what})")
+        with torch.no_grad():
+            for n, t in state.items():
+                params[n].copy_(t.to(params[n].dtype))
+        return model

@@ -130,3 +130,38 @@ class MixtureConfig(MethodConfig):
             raise _fail("balance_loss", self.balance_loss, "a number >= 0")
         if self.alpha <= 0:
             raise _fail("alpha", self.alpha, "a positive number")
+
+
+@dataclass
+class DoRAConfig(LoRAConfig):
+    """DoRA through peft (LoraConfig(use_dora=True)): LoRA plus a learned magnitude per output feature."""
+
+
+@dataclass
+class HiRAConfig(MethodConfig):
+    """HiRA (Huang et al., ICLR 2025): a Hadamard update of the frozen weight, W0 o (1 + BA). No dropout, no scaling
+    in the reference code; both stay available as flags (default off)."""
+
+    dropout: float = 0.0
+    scaling: bool = False
+    alpha: float = 16.0  # only used when scaling=true
+
+
+@dataclass
+class TeamLoRAConfig(MethodConfig):
+    """TeamLoRA as upstream ships it (compiled-only in the TalkLoRA code base): shared A, per-expert B_i, router on x,
+    an E x E interaction W_I mixing the gates, renormalised. The official TeamLoRA code's differences are flags."""
+
+    rank: int = 32
+    num_experts: int = 4
+    alpha: float = 64.0  # s = alpha / r scales A x (upstream applies it)
+    scale_per_expert: bool = False  # official TeamLoRA: alpha / (r / E) instead of alpha / r
+    times_experts: bool = False  # official TeamLoRA: the update multiplied by E
+    balance_loss: float = 0.0  # official TeamLoRA adds a load-balancing loss (Switch-style here)
+
+    def validate(self) -> None:
+        super().validate()
+        if self.alpha <= 0:
+            raise _fail("alpha", self.alpha, "a positive number")
+        if self.balance_loss < 0:
+            raise _fail("balance_loss", self.balance_loss, "a number >= 0")

@@ -11,6 +11,7 @@ from .base import Method, TargetLayer, find_target_layers
 
 class LoRAMethod(Method):
     name = "lora"
+    use_dora = False
 
     def param_count(self, layers: list[TargetLayer], rank: int) -> int:
         return sum(rank * (t.d_in + t.d_out) for t in layers)
@@ -24,7 +25,8 @@ class LoRAMethod(Method):
             lora_dropout=self.cfg.dropout,
             target_modules=list(targets),
             modules_to_save=list(head_modules) or None,
-            task_type=TaskType.SEQ_CLS if task_kind == "seq_cls" else TaskType.CAUSAL_LM,
+            task_type={"seq_cls": TaskType.SEQ_CLS, "causal": TaskType.CAUSAL_LM}.get(task_kind),  # None: a bare module
+            use_dora=self.use_dora,
         )
 
     def inject(self, model: nn.Module, targets: list[str], head_modules: list[str], task_kind: str) -> nn.Module:
@@ -49,3 +51,13 @@ class LoRAMethod(Method):
 
         set_peft_model_state_dict(model, load_peft_weights(str(in_dir)))
         return model
+
+
+class DoRAMethod(LoRAMethod):
+    """DoRA through peft (`use_dora=True`): LoRA's direction update plus a learned magnitude per output feature."""
+
+    name = "dora"
+    use_dora = True
+
+    def param_count(self, layers: list[TargetLayer], rank: int) -> int:
+        return sum(rank * (t.d_in + t.d_out) + t.d_out for t in layers)

@@ -66,3 +66,44 @@ def swap_to_loop(model: nn.Module) -> nn.Module:
             parent = model.get_submodule(parent_name) if parent_name else model
             setattr(parent, child, LoopTalkLoRALinear(mod))
     return model
+
+
+class LoopTeamLoRALinear(nn.Module):
+    """TeamLoRA written literally, expert by expert, from the recovered upstream math (one nn.Linear per B_i)."""
+
+    def __init__(self, src: nn.Module):
+        super().__init__()
+        self.base, self.E, self.k, self.s, self.times = src.base, src.E, src.k, src.s, src.times
+        self.dropout = src.dropout
+        self.A = nn.Linear(src.d_in, src.r, bias=False)
+        self.A.weight = nn.Parameter(src.lora_A.data.clone())
+        self.router = nn.Linear(src.d_in, self.E, bias=False)
+        self.router.weight = nn.Parameter(src.lora_router.data.clone())
+        self.W_I = nn.Linear(self.E, self.E, bias=False)
+        self.W_I.weight = nn.Parameter(src.lora_interaction.data.clone())
+        self.B = nn.ModuleList()
+        for i in range(self.E):
+            b = nn.Linear(self.k, src.d_out, bias=False)
+            b.weight = nn.Parameter(src.lora_B.data[:, i * self.k : (i + 1) * self.k].clone())
+            self.B.append(b)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        u = self.dropout(self.s * self.A(x))
+        p = F.softmax(self.router(x), dim=-1)
+        q = self.W_I(p)
+        pt = q / q.sum(-1, keepdim=True)
+        out = self.base(x)
+        for i in range(self.E):
+            out = out + self.times * pt[..., i : i + 1] * self.B[i](u[..., i * self.k : (i + 1) * self.k])
+        return out
+
+
+def swap_teamlora_to_loop(model: nn.Module) -> nn.Module:
+    from .teamlora import TeamLoRALinear
+
+    for name, mod in list(model.named_modules()):
+        if isinstance(mod, TeamLoRALinear):
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, LoopTeamLoRALinear(mod))
+    return model

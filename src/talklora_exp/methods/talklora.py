@@ -21,19 +21,15 @@ check both agree for every flag.
 
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..errors import UserError
-from ..routing import RoutingRecorder
-from .base import Method, TargetLayer, TrainHooks, find_target_layers, mark_trainable
+from .base import AdapterMethod, TargetLayer, find_target_layers, get_parent, mark_trainable, switch_balance_loss
 
 TALK_MODES = ("learned", "identity", "off")
 ROUTER_INPUTS = ("x", "h", "talked")
@@ -173,43 +169,16 @@ class TalkLoRALinear(nn.Module):
         return result + y.to(result.dtype)
 
     def _balance_loss(self, g: torch.Tensor) -> torch.Tensor:
-        """Switch-Transformer balance loss E * sum_i f_i P_i over (non-padding) tokens."""
-        g2 = g.reshape(-1, self.E)
-        mask = self._recorder.token_mask(g.shape[:-1]) if self._recorder is not None else None
-        if mask is not None:
-            g2 = g2[mask.reshape(-1)]
-        f = F.one_hot(g2.argmax(-1), self.E).to(g2.dtype).mean(0)
-        return self.E * (f * g2.mean(0)).sum()
+        return switch_balance_loss(g, self._recorder)
 
 
-class MixtureHooks(TrainHooks):
-    def __init__(self, layers: list[TalkLoRALinear], balance_weight: float):
-        self.layers = layers
-        self.balance_weight = balance_weight
-        self.routing = RoutingRecorder(layers)
-
-    def set_batch(self, batch: dict) -> None:
-        self.routing.set_mask(batch.get("attention_mask"))
-
-    def aux_loss(self) -> torch.Tensor | None:
-        if self.balance_weight <= 0:
-            return None
-        terms = [lyr.last_aux for lyr in self.layers if lyr.last_aux is not None]
-        for lyr in self.layers:
-            lyr.last_aux = None
-        return self.balance_weight * torch.stack(terms).mean() if terms else None
-
-
-def _get_parent(model: nn.Module, path: str) -> tuple[nn.Module, str]:
-    parent_path, _, child = path.rpartition(".")
-    return (model.get_submodule(parent_path) if parent_path else model), child
-
-
-class MixtureMethod(Method):
+class MixtureMethod(AdapterMethod):
     """Registered as both `moelora` and `talklora`; the config fields pick the variant."""
 
     name = "talklora"
     keep = ("lora_", SHARED_B_ATTR)
+    layer_type = TalkLoRALinear
+    routed = True
 
     def _layer_kwargs(self) -> dict[str, Any]:
         c = self.cfg
@@ -248,39 +217,11 @@ class MixtureMethod(Method):
                     shared[key] = nn.Parameter(torch.zeros(t.d_out, rank, device=ref.device, dtype=dt))
             model.add_module(SHARED_B_ATTR, shared)
         for t in layers:
-            parent, child = _get_parent(model, t.path)
+            parent, child = get_parent(model, t.path)
             key = t.proj_type.replace(".", "__").replace("*", "N") if shared is not None else None
             new = TalkLoRALinear(getattr(parent, child), rank, shared_b=shared, shared_key=key, **kw)
             new.name = t.path
             new.balance_weight = self.cfg.balance_loss
             setattr(parent, child, new)
         mark_trainable(model, list(self.keep), head_modules)
-        return model
-
-    def layers(self, model: nn.Module) -> list[TalkLoRALinear]:
-        return [m for m in model.modules() if isinstance(m, TalkLoRALinear)]
-
-    def hooks(self, model: nn.Module) -> TrainHooks:
-        return MixtureHooks(self.layers(model), self.cfg.balance_loss)
-
-    def adapter_param_names(self, model: nn.Module) -> list[str]:
-        return [n for n, p in model.named_parameters() if any(k in n for k in self.keep)]
-
-    def save(self, model: nn.Module, out_dir: Path) -> None:
-        """Trainable tensors (adapters, shared B once, task head) as safetensors, plus the method config."""
-        out_dir.mkdir(parents=True, exist_ok=True)
-        state = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
-        save_file(state, str(out_dir / "adapter_model.safetensors"))
-        meta = {"method": self.cfg.as_dict(), "tensors": sorted(state)}
-        (out_dir / "adapter_config.json").write_text(json.dumps(meta, indent=2))
-
-    def load(self, model: nn.Module, in_dir: Path) -> nn.Module:
-        state = load_file(str(in_dir / "adapter_model.safetensors"))
-        params = dict(model.named_parameters())
-        missing = [n for n in state if n not in params]
-        if missing:
-            raise UserError(f"{in_dir}: adapter tensors {missing[:3]}... do not fit this model/method config")
-        with torch.no_grad():
-            for n, t in state.items():
-                params[n].copy_(t.to(params[n].dtype))
         return model
