@@ -46,8 +46,11 @@ format: setup
 bench: setup
 	$(BIN)/python scripts/bench.py $(ARGS)
 
+# The committed reproduction's sweep dirs that exist (the lr grid has its own choice.md: choose_lr).
+TABLE_DIRS ?= $(wildcard results/repro/glue_table results/repro/glue_table_baselines results/repro/commonsense_table)
 tables: setup
-	$(BIN)/python -m talklora_exp.analysis results $(ARGS)
+	@if [ -z "$(TABLE_DIRS)" ]; then echo "no reproduction runs yet under results/repro (see README: Results)"; exit 0; fi
+	$(BIN)/python -m talklora_exp.analysis $(TABLE_DIRS) --out results $(ARGS)
 
 clean:
 	rm -rf .pytest_cache .ruff_cache build src/*.egg-info

@@ -29,7 +29,7 @@ from omegaconf import OmegaConf
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from talklora_exp.methods import METHODS, build_method, method_config  # noqa: E402
+from talklora_exp.methods import build_method, method_config  # noqa: E402
 from talklora_exp.methods.reference import swap_teamlora_to_loop, swap_to_loop  # noqa: E402
 from talklora_exp.models import resolve_pretrained  # noqa: E402
 
@@ -142,7 +142,7 @@ def bench_adapters(base, batch, device, configs, steps: int, warmup: int, method
         for name in methods:
             if name == "lora":
                 continue
-            row = {"method": name, "rank": rank, "experts": experts if METHODS[name][1]().num_experts > 1 else 1,
+            row = {"method": name, "rank": rank, "experts": typed(name, rank, experts).num_experts,
                    "ratio_vs_lora": round(med[name] / med["lora"], 4),
                    "ratio_vs_loop": round(med[name] / med[f"{name}_loop"], 4) if name in LOOPS else None,
                    "loop_ratio_vs_lora": round(med[f"{name}_loop"] / med["lora"], 4) if name in LOOPS else None,

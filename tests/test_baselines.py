@@ -46,7 +46,7 @@ def test_teamlora_with_identity_interaction_is_moelora_scaled():
     _, moe = inject({**MOE, "scaling": True, "alpha": 16.0})
     randomize(team)
     with torch.no_grad():
-        for (name, t), m in zip(
+        for (_name, t), m in zip(
             ((n, m) for n, m in team.named_modules() if isinstance(m, TeamLoRALinear)),
             (m for m in moe.modules() if hasattr(m, "lora_router") and not isinstance(m, TeamLoRALinear)),
         ):

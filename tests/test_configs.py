@@ -36,7 +36,10 @@ def test_defaults_and_hub_models_share_the_loader():
 
 
 def test_unknown_group_choice_is_one_line():
-    assert check_group_overrides(["method=foo"]) == "unknown method 'foo'; valid: lora, moelora, talklora"
+    from talklora_exp.methods import METHODS
+
+    assert check_group_overrides(["method=foo"]) == f"unknown method 'foo'; valid: {', '.join(sorted(METHODS))}"
+    assert group_options("method") == sorted(METHODS)  # one config file per registered method
     assert check_group_overrides(["task=glob(glue/m*)"]) is None  # Hydra syntax, parsed by Hydra's parser
     assert "glue/sst2" in check_group_overrides(["task=glue/nope"])
     assert check_group_overrides(["-m", "method=lora,talklora", "task=glue/rte"]) is None
@@ -52,7 +55,7 @@ def _cli(args, tmp_path, env_extra=None):
 
 
 def test_cli_bad_choices_exit_nonzero_with_one_line(tmp_path):
-    for args, needle in ((["method=foo"], "valid: lora, moelora, talklora"), (["model=gpt9"], "valid: deberta-v3-base"),
+    for args, needle in ((["method=foo"], "valid: " + ", ".join(group_options("method"))), (["model=gpt9"], "valid: deberta-v3-base"),
                          (["task=glue/xyz"], "glue/cola, glue/mnli")):  # fmt: skip
         r = _cli(args, tmp_path)
         assert r.returncode == 2 and needle in r.stderr and len(r.stderr.strip().splitlines()) == 1
@@ -69,14 +72,16 @@ def test_cli_missing_data_is_clear(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["lora", "moelora", "talklora"])
+@pytest.mark.parametrize("method", group_options("method"))
 def test_smoke_every_method(glue_dir, tmp_path, method):
     from talklora_exp.run import run
 
     cfg = compose_cfg([f"method={method}", "task=glue/sst2", f"paths.data_dir={glue_dir}", *TINY])
     m = run(cfg, tmp_path / "run")
     assert m["status"] == "completed" and "accuracy" in m["eval"] and m["adapter_params"] > 0
-    assert (tmp_path / "run" / "routing.json").exists() == (method != "lora")
+    from talklora_exp.methods import METHODS
+
+    assert (tmp_path / "run" / "routing.json").exists() == METHODS[method][0].routed
 
 
 @pytest.mark.slow
@@ -126,13 +131,15 @@ BAD = [
     (["method=talklora", "method.rank=3.5"], "method.rank=3.5; allowed: an integer"),
     (["method=lora", "method.alpha=0"], "method.alpha=0.0; allowed: a positive number, or null for 2 x rank"),
     (["method=talklora", "+method.bogus=1"], "method=talklora: unknown key(s) ['bogus']"),
+]
+NEEDS_MODEL = [  # checked against the real layer shapes: the model is loaded
     (["method=talklora", "method.rank=30"], "method.rank=30 is not divisible by method.num_experts=4"),
     (["model.target_modules=[nothing]"], "match no linear layer; this model's linear layer names"),
     (["method=moelora", "budget=lora_r8"], "budget lora_r8: no rank (multiple of 4)"),
 ]
 
 
-@pytest.mark.parametrize("over,needle", BAD)
+@pytest.mark.parametrize("over,needle", BAD + [pytest.param(*c, marks=pytest.mark.slow) for c in NEEDS_MODEL])
 def test_bad_settings_fail_without_completed_result(glue_dir, tmp_path, over, needle):
     from talklora_exp.errors import UserError
     from talklora_exp.run import run

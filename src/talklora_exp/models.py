@@ -126,6 +126,7 @@ def load_model(
             _cache_gguf_conversion(model, tokenizer, gguf_cache_dir(mcfg, cache_root or ".cache/talklora_exp"))
             return model.to(dtype)
         return _load(AutoModelForCausalLM.from_pretrained, mcfg, path, dtype=dtype, **kw)
+    kw.update(dict(mcfg.get("hf_config") or {}))  # `+model.hf_config={hidden_dropout_prob:0.0}`: model config fields
     kw["num_labels"] = task.num_labels
     if task.is_regression:
         kw["problem_type"] = "regression"

@@ -48,6 +48,16 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
         return iter([batches[i] for i in order])
 
 
+def set_epoch(loader: Any, sampler: LengthGroupedBatchSampler | None, epoch: int) -> None:
+    """Set the epoch on the loader and on our batch sampler directly: with several processes accelerate wraps the
+    sampler in a BatchSamplerShard, and its DataLoaderShard.set_epoch never reaches a custom batch sampler (every
+    epoch would repeat the same order)."""
+    if hasattr(loader, "set_epoch"):
+        loader.set_epoch(epoch)
+    if sampler is not None:
+        sampler.set_epoch(epoch)
+
+
 def resolve_mixed_precision(requested: str, cpu: bool) -> str:
     """auto -> bf16 on GPUs that support it, fp32 otherwise. Asking for what the device cannot do is an error."""
     has_cuda = torch.cuda.is_available() and not cpu
@@ -121,10 +131,12 @@ class Trainer:
         if self.select == "val_from_train" and data.val is None:
             raise UserError("trainer.select=val_from_train needs a validation split: task.val_size must be positive")
         bs = int(tcfg.batch_size)
+        self.length_sampler: LengthGroupedBatchSampler | None = None
         if tcfg.group_by_length:
+            self.length_sampler = LengthGroupedBatchSampler(data.train.lengths, bs, seed)
             train_dl = DataLoader(
                 data.train,
-                batch_sampler=LengthGroupedBatchSampler(data.train.lengths, bs, seed),
+                batch_sampler=self.length_sampler,
                 collate_fn=collate,
                 num_workers=int(tcfg.num_workers),
             )
@@ -272,8 +284,7 @@ class Trainer:
         t0 = time.perf_counter()
         try:
             while v["step"] < self.total_steps:
-                if hasattr(self.train_dl, "set_epoch"):
-                    self.train_dl.set_epoch(v["epoch"])
+                set_epoch(self.train_dl, self.length_sampler, v["epoch"])
                 dl = self.train_dl
                 if v["batch_in_epoch"]:  # resuming mid-epoch: the epoch's shuffle order, minus the batches done
                     self.gen.set_state(v["epoch_gen_state"])

@@ -60,6 +60,7 @@ class Method:
     """A PEFT method: inject adapters, count their parameters by formula, save and load them."""
 
     name: str = ""
+    routed = False  # True: the layers route tokens (routing statistics, balance loss)
 
     def __init__(self, cfg: Any):
         self.cfg = cfg
@@ -136,7 +137,6 @@ class AdapterMethod(Method):
 
     keep: tuple[str, ...] = ("lora_",)
     layer_type: type[nn.Module] = nn.Module
-    routed = False  # True: the layers route tokens (routing statistics, balance loss)
 
     def layers(self, model: nn.Module) -> list[nn.Module]:
         return [m for m in model.modules() if isinstance(m, self.layer_type)]

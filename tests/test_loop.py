@@ -1,0 +1,78 @@
+"""The training loop's data order and options the presets use: the length-grouped sampler, epochs reaching the
+sampler under accelerate's multi-process wrapping, gradient accumulation, routing snapshots once per optimizer step."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from accelerate.data_loader import prepare_data_loader
+from conftest import compose_cfg
+from torch.utils.data import DataLoader
+
+from talklora_exp.trainer import LengthGroupedBatchSampler, set_epoch
+
+
+def _epoch(sampler, e):
+    sampler.set_epoch(e)
+    return [list(b) for b in sampler]
+
+
+def test_length_grouped_sampler_orders():
+    lengths = [(i * 7) % 23 + 1 for i in range(103)]
+    s = LengthGroupedBatchSampler(lengths, batch_size=8, seed=3, mega=4)
+    e0, e1 = _epoch(s, 0), _epoch(s, 1)
+    for order in (e0, e1):
+        flat = [i for b in order for i in b]
+        assert sorted(flat) == list(range(103))  # every index exactly once per epoch
+        assert len(order) == len(s) == 13 and all(len(b) <= 8 for b in order)
+    assert e0 != e1  # a new order every epoch
+    assert _epoch(LengthGroupedBatchSampler(lengths, 8, seed=3, mega=4), 1) == e1  # same seed and epoch: same order
+    assert _epoch(LengthGroupedBatchSampler(lengths, 8, seed=4, mega=4), 1) != e1
+    # inside a mega-batch (4 batches of 8) batches are sorted by length: less padding
+    for b in e0:
+        assert [lengths[i] for i in b] == sorted((lengths[i] for i in b), reverse=True)
+
+
+def test_epoch_reaches_the_sampler_under_multi_process_wrapping():
+    s = LengthGroupedBatchSampler(list(range(1, 41)), batch_size=4, seed=0)
+    dl = prepare_data_loader(DataLoader(list(range(40)), batch_sampler=s), num_processes=2, process_index=0,
+                             put_on_device=False)  # fmt: skip
+    dl.set_epoch(5)
+    assert s.epoch == 0  # accelerate's own set_epoch does not reach a wrapped custom batch sampler ...
+    set_epoch(dl, s, 5)
+    assert s.epoch == 5  # ... the trainer's does
+    first = [x.tolist() for x in dl]
+    set_epoch(dl, s, 6)
+    assert [x.tolist() for x in dl] != first
+
+
+TINY = ["method=talklora", "task=glue/sst2", "trainer.max_steps=6", "trainer.eval_every=6", "model.max_length=32",
+        "trainer.progress=false", "task.val_size=8", "method.dropout=0.0", "trainer.log_every=1", "trainer.lr=2e-3",
+        "+model.hf_config={hidden_dropout_prob:0.0,attention_probs_dropout_prob:0.0}"]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_grad_accum_matches_the_full_batch_and_routing_snapshots_once_per_step(glue_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    from talklora_exp.run import run
+
+    full = run(compose_cfg([*TINY, f"paths.data_dir={glue_dir}", "trainer.batch_size=8"]), tmp_path / "full")
+    acc = run(compose_cfg([*TINY, f"paths.data_dir={glue_dir}", "trainer.batch_size=4", "trainer.grad_accum=2",
+                           "trainer.routing_stats_every=2"]), tmp_path / "acc")  # fmt: skip
+    assert acc["total_steps"] == full["total_steps"] == 6
+    logs = {
+        k: [json.loads(x) for x in (tmp_path / k / "train_log.jsonl").read_text().splitlines()] for k in ("full", "acc")
+    }
+    la = [r["loss"] for r in logs["acc"] if "loss" in r]
+    lf = [r["loss"] for r in logs["full"] if "loss" in r]
+    assert la == pytest.approx(lf, rel=1e-4)  # 2 x 4 accumulated = one batch of 8, step by step
+    a, b = (
+        load_file(str(tmp_path / "acc/adapter/adapter_model.safetensors")),
+        load_file(str(tmp_path / "full/adapter/adapter_model.safetensors")),
+    )
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    snaps = [r["step"] for r in logs["acc"] if "routing_train" in r]
+    assert snaps == [2, 4, 6]  # one routing snapshot per optimizer step, not per micro-batch
