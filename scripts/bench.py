@@ -29,7 +29,7 @@ from omegaconf import OmegaConf
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from talklora_exp.methods import build_method, method_config  # noqa: E402
+from talklora_exp.methods import build_method, find_target_layers, method_config  # noqa: E402
 from talklora_exp.methods.reference import swap_teamlora_to_loop, swap_to_loop  # noqa: E402
 from talklora_exp.models import resolve_pretrained  # noqa: E402
 
@@ -230,6 +230,8 @@ def bench_paper_shape(args, device, methods) -> dict:
     from talklora_exp.dryrun import arch_config
 
     conf = arch_config(cfg.model, None)
+    if args.vocab_size:
+        conf.vocab_size = args.vocab_size
     dtype = base_dtype(str(cfg.model.dtype), cpu=device.type == "cpu")
     torch.manual_seed(0)
     with torch.device(device):
@@ -242,14 +244,18 @@ def bench_paper_shape(args, device, methods) -> dict:
                           kind="causal")  # fmt: skip
     task = build_task(cfg.task)
     meta = meta_model(cfg, task)
-    for r in rows + [{"method": "lora"}]:
-        ad = build_method(typed(r["method"], 32, 4)).param_count(
-            __import__("talklora_exp.methods", fromlist=["x"]).find_target_layers(meta, targets), 32
+    layers = find_target_layers(meta, targets)
+
+    def estimate(name: str) -> float:
+        return round(
+            estimate_memory(cfg, meta, build_method(typed(name, 32, 4)).param_count(layers, 32), task)["total_gb"], 2
         )
-        r["estimated_peak_gb"] = round(estimate_memory(cfg, meta, ad, task)["total_gb"], 2)
+
+    for r in rows:
+        r["estimated_peak_gb"] = estimate(r["method"])
     return {"model": args.shape_model, "layers": conf.num_hidden_layers, "base_dtype": str(dtype),
             "batch": [args.batch, args.seq], "checkpointing": args.checkpointing, "rows": rows,
-            "lora_estimated_peak_gb": rows[-1].pop("estimated_peak_gb") if rows and rows[-1]["method"] == "lora" else None}  # fmt: skip
+            "lora_estimated_peak_gb": estimate("lora")}  # fmt: skip
 
 
 def _fmt_row(r: dict) -> str:
@@ -274,6 +280,7 @@ def main() -> None:
     ap.add_argument("--shape-model", default="llama3-8b-shape")
     ap.add_argument("--num-layers", type=int, default=None, help="paper shape: fewer layers (CPU test)")
     ap.add_argument("--checkpointing", action="store_true", help="paper shape: gradient checkpointing on")
+    ap.add_argument("--vocab-size", type=int, default=None, help="paper shape: a smaller vocabulary (CPU test)")
     ap.add_argument("--out", type=Path, default=ROOT / "results" / "bench")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args()

@@ -39,7 +39,8 @@ def write_run(
         layer = {"load": [0.25, 0.25, 0.3, 0.2], "load_entropy": 0.99, "cv": 0.1, "max_min_ratio": 1.5, "gini": 0.05, "sensitivity": 0.2 + seed / 100,
                  "token_entropy": 0.9, "top1_share": 0.3}  # fmt: skip
         (d / "routing.json").write_text(json.dumps({"layers": {"l0": layer, "l1": layer}, "aggregate": layer}))
-    log = [{"step": 5, "val": {"loss": 0.7, main: value - 0.1}, "eval": {main: value - 0.05}},
+    log = [{"step": 3, "routing_train": {"load_entropy": 0.5 + seed / 10, "cv": 0.6}},
+           {"step": 5, "val": {"loss": 0.7, main: value - 0.1}, "eval": {main: value - 0.05}},
            {"step": 10, "val": {"loss": 0.5, main: value}, "eval": {main: value}, "routing": {"load_entropy": 0.9, "cv": 0.2}}]  # fmt: skip
     (d / "train_log.jsonl").write_text("".join(json.dumps(x) + "\n" for x in log))
 
@@ -79,6 +80,36 @@ def test_glue_table_means_bold_and_significance(runs: Path, tmp_path: Path):
     assert "| RTE | TalkLoRA | 3 | 0.990 | 0.100 | 1.500 | 0.050 | 0.220 |" in routing
     sig = (out / "tables" / "glue_significance.md").read_text()
     assert "| minilm | lora_r16 | RTE | TalkLoRA − LoRA | +5.00 |" in sig
+
+
+def test_routing_over_training_reads_train_snapshots_and_evals(runs: Path):
+    from talklora_exp.analysis.collect import collect
+    from talklora_exp.analysis.plots import routing_over_training
+
+    got = {}
+    real = routing_over_training.__globals__["_plt"]
+
+    class Capture:  # records every line drawn instead of only trusting that a file appeared
+        def __getattr__(self, k):
+            return getattr(real(), k)
+
+    import matplotlib.axes
+
+    orig = matplotlib.axes.Axes.plot
+
+    def plot(self, x, y, *a, **k):
+        got.setdefault(k.get("label"), []).append((list(x), list(y)))
+        return orig(self, x, y, *a, **k)
+
+    matplotlib.axes.Axes.plot = plot
+    try:
+        runs_, _ = collect([runs])
+        routing_over_training(runs_, runs / "figs")
+    finally:
+        matplotlib.axes.Axes.plot = orig
+    # TalkLoRA's load-entropy line on a task: the train snapshot at step 3 (mean over seeds 1-3) and the eval at 10
+    ent = [xy for xy in got["TalkLoRA"] if xy[0] == [3, 10]]
+    assert ent and ent[0][1] == pytest.approx([0.7, 0.9])
 
 
 def test_tables_regenerate_byte_for_byte(runs: Path, tmp_path: Path):
@@ -222,3 +253,12 @@ def test_any_method_appears_in_every_table_and_figure(runs: Path, tmp_path: Path
     }
     assert {p.stem for p in (out / "figures").glob("*.png")} == figs
     assert drawn.count("toylora") >= len(figs)  # labelled in each figure
+
+
+def test_unreadable_metrics_is_left_out_with_its_reason(runs: Path, tmp_path: Path):
+    bad = runs / "garbled"
+    bad.mkdir()
+    (bad / "metrics.json").write_text('{"status": "compl')
+    assert analysis_main([str(runs), "--out", str(tmp_path / "o"), "--no-plots"]) == 0
+    left = (tmp_path / "o" / "tables" / "left_out.md").read_text()
+    assert "garbled | unreadable metrics.json (" in left

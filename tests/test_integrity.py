@@ -60,9 +60,9 @@ def test_editing_a_preset_stops_the_sweep_naming_the_key(glue_dir, tmp_path):
     conf = tmp_path / "conf"
     shutil.copytree(CONF, conf)
     preset = conf / "experiment" / "tiny.yaml"
-    body = ("# @package _global_\\nsweep_name: tiny\\ntrainer:\\n  lr: 1.0e-3\\n  max_steps: 2\\n  batch_size: 8\\n"
-            "  progress: false\\n  eval_every: 2\\nmodel:\\n  max_length: 32\\ntask:\\n  val_size: 8\\n"
-            "hydra:\\n  sweeper:\\n    params:\\n      seed: 1,2\\n")  # fmt: skip
+    body = ("# @package _global_\nsweep_name: tiny\ntrainer:\n  lr: 1.0e-3\n  max_steps: 2\n  batch_size: 8\n"
+            "  progress: false\n  eval_every: 2\nmodel:\n  max_length: 32\ntask:\n  val_size: 8\n"
+            "hydra:\n  sweeper:\n    params:\n      seed: 1,2\n")  # fmt: skip
     preset.write_text(body)
     env = {**_env(glue_dir), "TALKLORA_CONF_DIR": str(conf)}
     args = [
@@ -76,7 +76,7 @@ def test_editing_a_preset_stops_the_sweep_naming_the_key(glue_dir, tmp_path):
     ]
     r = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
-    runs = sorted((tmp_path / "res" / "sweeps" / "tiny").glob("*seed=*"))
+    runs = sorted(m.parent for m in (tmp_path / "res" / "sweeps" / "tiny").rglob("metrics.json"))
     assert len(runs) == 2 and all(json.loads((d / "metrics.json").read_text())["status"] == "completed" for d in runs)
     preset.write_text(body.replace("lr: 1.0e-3", "lr: 5.0e-3"))
     r = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
@@ -170,7 +170,7 @@ def test_resume_refuses_a_checkpoint_of_another_config(glue_dir, tmp_path, monke
     with pytest.raises(SystemExit):
         run(compose_cfg(base), d)
     monkeypatch.setattr(ckpt, "save", real)
-    with pytest.raises(ConfigMismatch, match=r"its checkpoint is of a different config .*trainer\\.lr"):
+    with pytest.raises(ConfigMismatch, match=r"its checkpoint is of a different config .*trainer\.lr"):
         run(compose_cfg([*base, "trainer.lr=0.01"]), d)
     (d / "checkpoints" / "step-4" / "state.pt").write_bytes(b"junk")
     (d / "checkpoints" / "step-2" / "state.pt").write_bytes(b"junk")

@@ -261,3 +261,14 @@ def test_save_load_roundtrip(tmp_path):
     model.eval()
     fresh.eval()
     torch.testing.assert_close(model(x), fresh(x))
+
+
+def test_adapter_that_does_not_fit_is_a_clear_error(tmp_path):
+    method, model = inject(TALK)
+    method.save(model, tmp_path / "a")
+    other, fresh = inject({**TALK, "rank": 4})
+    with pytest.raises(UserError, match=r"adapter does not fit this model/method config \(shape mismatch for"):
+        other.load(fresh, tmp_path / "a")
+    moe_m, moe = inject(MOE)
+    with pytest.raises(UserError, match=r"adapter does not fit this model/method config \(unknown tensors"):
+        moe_m.load(moe, tmp_path / "a")
