@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .base import get_parent
 from .talklora import TalkLoRALinear
 
 
@@ -58,14 +59,17 @@ class LoopTalkLoRALinear(nn.Module):
         return result + self.dropout((stack * g).sum(-2)) * self.scale
 
 
+def _swap(model: nn.Module, layer_type: type, twin: type) -> nn.Module:
+    for name, mod in list(model.named_modules()):
+        if isinstance(mod, layer_type):
+            parent, child = get_parent(model, name)
+            setattr(parent, child, twin(mod))
+    return model
+
+
 def swap_to_loop(model: nn.Module) -> nn.Module:
     """Replace every TalkLoRALinear in a model by its loop twin (weights copied; shared B becomes per layer)."""
-    for name, mod in list(model.named_modules()):
-        if isinstance(mod, TalkLoRALinear):
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, child, LoopTalkLoRALinear(mod))
-    return model
+    return _swap(model, TalkLoRALinear, LoopTalkLoRALinear)
 
 
 class LoopTeamLoRALinear(nn.Module):
@@ -99,11 +103,7 @@ class LoopTeamLoRALinear(nn.Module):
 
 
 def swap_teamlora_to_loop(model: nn.Module) -> nn.Module:
+    """Replace every TeamLoRALinear by its loop twin (weights copied)."""
     from .teamlora import TeamLoRALinear
 
-    for name, mod in list(model.named_modules()):
-        if isinstance(mod, TeamLoRALinear):
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, child, LoopTeamLoRALinear(mod))
-    return model
+    return _swap(model, TeamLoRALinear, LoopTeamLoRALinear)
