@@ -57,9 +57,6 @@ def _source(mcfg: Any, cache_root: str | os.PathLike | None) -> tuple[str, dict[
     return path, {"gguf_file": gguf}
 
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
 def base_dtype(requested: str, cpu: bool = False) -> torch.dtype:
     """`model.dtype`: the frozen base weights' dtype. auto = bf16 on a GPU that supports it, fp32 otherwise."""
     if requested == "auto":
@@ -67,6 +64,8 @@ def base_dtype(requested: str, cpu: bool = False) -> torch.dtype:
         return torch.bfloat16 if gpu and torch.cuda.is_bf16_supported() else torch.float32
     if requested == "fp16" and (cpu or not torch.cuda.is_available()):
         raise UserError("model.dtype=fp16 needs a CUDA GPU (CPU matmuls in fp16 are slow or missing); use bf16 or fp32")
+    from .methods.base import DTYPES
+
     return DTYPES[requested]
 
 

@@ -82,7 +82,7 @@ def build(cfg: DictConfig, accelerator: Accelerator | None = None) -> dict[str, 
 def keep_heads_precise(model: torch.nn.Module, heads: list[str], adapter_dtype: str) -> None:
     """Trained head modules (classifier, pooler) follow the adapters' precision on a half-precision base: cast to it,
     with their inputs cast on the way in (the base hands them bf16 activations)."""
-    from .methods.talklora import DTYPES, adapter_param_dtype
+    from .methods.base import DTYPES, adapter_param_dtype
 
     floor = DTYPES[adapter_dtype]
     for name, mod in model.named_modules():

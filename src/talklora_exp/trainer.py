@@ -128,6 +128,9 @@ class Trainer:
         if self.dev_curve and task.report_split != "dev":
             raise UserError(f"trainer.dev_curve=true would evaluate {task.name}'s {task.report_split} set during training; "
                             "test sets are evaluated once, at the end")  # fmt: skip
+        # the metric that selects (None for `last`), decided once: the validation loss, or the task's main metric
+        self.select_key = (None if self.select == "last" else "loss"
+                           if self.select == "val_from_train" and self.select_metric == "loss" else task.main_metric)  # fmt: skip
         if self.select == "val_from_train" and data.val is None:
             raise UserError("trainer.select=val_from_train needs a validation split: task.val_size must be positive")
         bs = int(tcfg.batch_size)
@@ -215,9 +218,7 @@ class Trainer:
 
     def _score(self, metrics: dict[str, float]) -> float | None:
         """Higher is better: the negated loss, or the main metric."""
-        if self.select_metric == "loss" and self.select == "val_from_train":
-            return -metrics["loss"]
-        return metrics.get(self.task.main_metric)
+        return -metrics["loss"] if self.select_key == "loss" else metrics.get(self.select_key)
 
     def _eval_step(self, v: dict[str, Any], step: int) -> None:
         rec: dict[str, Any] = {"step": step, "epoch": v["epoch"]}
@@ -374,13 +375,16 @@ class Trainer:
             rec_ = {"step": step, "split": self.task.report_split, "report": report, "selected_step": selected}
             self.logger.log(rec_)
         split = {"val_from_train": "val", "best_dev": "dev", "last": None}[self.select]
-        metric = None if self.select == "last" else (self.select_metric if split == "val" else self.task.main_metric)
-        if metric == "main":
-            metric = self.task.main_metric
-        value = v["best_score"] if self.select != "last" else None
-        if metric == "loss" and value is not None:
+        value = v["best_score"]
+        if self.select_key == "loss" and value is not None:
             value = -value
-        selection = {"protocol": self.select, "split": split, "metric": metric, "step": selected, "value": value}
+        selection = {
+            "protocol": self.select,
+            "split": split,
+            "metric": self.select_key,
+            "step": selected,
+            "value": value,
+        }
         return FitResult(selection, report, v["best_val"], routing, preds, step, v["train_time"], v["samples"],
                          self.report_evals)  # fmt: skip
 

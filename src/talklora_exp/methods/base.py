@@ -13,6 +13,14 @@ from torch import nn
 
 from ..errors import UserError
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
+
+
+def adapter_param_dtype(base: torch.dtype, floor: torch.dtype) -> torch.dtype:
+    """Adapters are kept at least at `method.adapter_dtype` (fp32 by default, as upstream, whose adapters are fp32 on
+    a bf16 base); a wider base (fp32, or fp64 in the exactness tests) keeps its own dtype."""
+    return base if base.itemsize >= floor.itemsize else floor
+
 
 @dataclass(frozen=True)
 class TargetLayer:
@@ -140,6 +148,14 @@ class AdapterMethod(Method):
 
     def layers(self, model: nn.Module) -> list[nn.Module]:
         return [m for m in model.modules() if isinstance(m, self.layer_type)]
+
+    def wrap_targets(self, model: nn.Module, targets: list[str], head_modules: list[str], make: Any) -> nn.Module:
+        """Replace every target nn.Linear by `make(target, linear)`, then freeze all but adapters and heads."""
+        for t in find_target_layers(model, targets):
+            parent, child = get_parent(model, t.path)
+            setattr(parent, child, make(t, getattr(parent, child)))
+        mark_trainable(model, list(self.keep), head_modules)
+        return model
 
     def hooks(self, model: nn.Module) -> TrainHooks:
         if not self.routed:

@@ -15,8 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import AdapterMethod, TargetLayer, find_target_layers, get_parent, mark_trainable
-from .talklora import DTYPES, adapter_param_dtype
+from .base import DTYPES, AdapterMethod, TargetLayer, adapter_param_dtype
 
 
 class HiRALinear(nn.Module):
@@ -52,10 +51,9 @@ class HiRAMethod(AdapterMethod):
     def inject(self, model: nn.Module, targets: list[str], head_modules: list[str], task_kind: str) -> nn.Module:
         c = self.cfg
         scale = c.alpha / c.rank if c.scaling else 1.0
-        for t in find_target_layers(model, targets):
-            parent, child = get_parent(model, t.path)
-            setattr(
-                parent, child, HiRALinear(getattr(parent, child), c.rank, c.dropout, scale, DTYPES[c.adapter_dtype])
-            )
-        mark_trainable(model, list(self.keep), head_modules)
-        return model
+        return self.wrap_targets(
+            model,
+            targets,
+            head_modules,
+            lambda t, base: HiRALinear(base, c.rank, c.dropout, scale, DTYPES[c.adapter_dtype]),
+        )

@@ -29,20 +29,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UserError
-from .base import AdapterMethod, TargetLayer, find_target_layers, get_parent, mark_trainable, switch_balance_loss
+from .base import (
+    DTYPES,
+    AdapterMethod,
+    TargetLayer,
+    adapter_param_dtype,
+    find_target_layers,
+    switch_balance_loss,
+)
 
 TALK_MODES = ("learned", "identity", "off")
 ROUTER_INPUTS = ("x", "h", "talked")
 SHARED_B_ATTR = "talklora_shared_b"  # registered once on the model root, so state_dict holds each shared B once
-
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
-
-
-def adapter_param_dtype(base: torch.dtype, floor: torch.dtype) -> torch.dtype:
-    """Adapters are kept at least at `method.adapter_dtype` (fp32 by default, as upstream, whose adapters are fp32 on
-    a bf16 base); a wider base (fp32, or fp64 in the exactness tests) keeps its own dtype."""
-    return base if base.itemsize >= floor.itemsize else floor
 
 
 def _kaiming(t: torch.Tensor) -> torch.Tensor:
@@ -216,12 +214,11 @@ class MixtureMethod(AdapterMethod):
                 if key not in shared:
                     shared[key] = nn.Parameter(torch.zeros(t.d_out, rank, device=ref.device, dtype=dt))
             model.add_module(SHARED_B_ATTR, shared)
-        for t in layers:
-            parent, child = get_parent(model, t.path)
+
+        def make(t: TargetLayer, base: nn.Linear) -> TalkLoRALinear:
             key = t.proj_type.replace(".", "__").replace("*", "N") if shared is not None else None
-            new = TalkLoRALinear(getattr(parent, child), rank, shared_b=shared, shared_key=key, **kw)
-            new.name = t.path
-            new.balance_weight = self.cfg.balance_loss
-            setattr(parent, child, new)
-        mark_trainable(model, list(self.keep), head_modules)
-        return model
+            new = TalkLoRALinear(base, rank, shared_b=shared, shared_key=key, **kw)
+            new.name, new.balance_weight = t.path, self.cfg.balance_loss
+            return new
+
+        return self.wrap_targets(model, targets, head_modules, make)

@@ -19,8 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import AdapterMethod, TargetLayer, find_target_layers, get_parent, mark_trainable, switch_balance_loss
-from .talklora import DTYPES, adapter_param_dtype
+from .base import DTYPES, AdapterMethod, TargetLayer, adapter_param_dtype, switch_balance_loss
 
 
 class TeamLoRALinear(nn.Module):
@@ -84,11 +83,11 @@ class TeamLoRAMethod(AdapterMethod):
 
     def inject(self, model: nn.Module, targets: list[str], head_modules: list[str], task_kind: str) -> nn.Module:
         c = self.cfg
-        for t in find_target_layers(model, targets):
-            parent, child = get_parent(model, t.path)
-            new = TeamLoRALinear(getattr(parent, child), c.rank, c.num_experts, c.alpha, c.dropout, c.scale_per_expert,
-                                 c.times_experts, DTYPES[c.adapter_dtype])  # fmt: skip
+
+        def make(t: TargetLayer, base: nn.Linear) -> TeamLoRALinear:
+            new = TeamLoRALinear(base, c.rank, c.num_experts, c.alpha, c.dropout, c.scale_per_expert, c.times_experts,
+                                 DTYPES[c.adapter_dtype])  # fmt: skip
             new.name, new.balance_weight = t.path, c.balance_loss
-            setattr(parent, child, new)
-        mark_trainable(model, list(self.keep), head_modules)
-        return model
+            return new
+
+        return self.wrap_targets(model, targets, head_modules, make)
