@@ -58,9 +58,15 @@ def test_resume_after_crash_matches_uninterrupted(glue_dir, tmp_path, monkeypatc
     assert resumed["eval"] == ref["eval"] and resumed["best_step"] == ref["best_step"]
     a, b = _adapter(tmp_path / "ref"), _adapter(tmp_path / "crash")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    steps = [json.loads(x)["step"] for x in (tmp_path / "crash" / "train_log.jsonl").read_text().splitlines()]
-    ref_steps = [json.loads(x)["step"] for x in (tmp_path / "ref" / "train_log.jsonl").read_text().splitlines()]
-    assert steps == ref_steps  # the log has each step once, as if never interrupted
+    logs = {
+        k: [json.loads(x) for x in (tmp_path / k / "train_log.jsonl").read_text().splitlines()]
+        for k in ("ref", "crash")
+    }
+    assert [r["step"] for r in logs["crash"]] == [
+        r["step"] for r in logs["ref"]
+    ]  # each step once, as if never interrupted
+    losses = {k: [r["loss"] for r in v if "loss" in r] for k, v in logs.items()}
+    assert len(losses["ref"]) == 6 and losses["crash"] == losses["ref"]  # bit-identical, including after the resume
 
 
 def test_same_seed_same_metrics(glue_dir, tmp_path):
@@ -147,6 +153,52 @@ def test_two_processes_match_one_with_same_global_batch(glue_dir, tmp_path):
     assert len(losses["one"]) == 8 and losses["two"] == pytest.approx(losses["one"], rel=1e-4)
     a, b = _adapter(tmp_path / "one"), _adapter(tmp_path / "two")
     assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+
+
+def _torchrun(glue_dir, tmp_path, *args):
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(free_port()),
+        *args,
+    ]
+    return subprocess.run(cmd, cwd=ROOT, env=_env(glue_dir), capture_output=True, text=True, timeout=400)
+
+
+@pytest.mark.parametrize("group", [False, True])
+def test_two_process_resume_mid_epoch_matches_uninterrupted(glue_dir, tmp_path, group):
+    """torchrun x2, killed (no cleanup) right after the step-4 checkpoint: 24 examples at 2 x 4 = 3 steps per epoch, so
+    step 4 is one batch into epoch 2. Dropout stays on, so every process must get its own RNG state back."""
+    common = ["method=talklora", "task=glue/sst2", "trainer.batch_size=4", "trainer.max_steps=8", "trainer.eval_every=4",
+              "trainer.checkpoint_every=4", "trainer.log_every=1", "model.max_length=32", "trainer.progress=false",
+              "trainer.lr=2e-3", "trainer.cpu=true", "task.val_size=8", "trainer.max_eval_samples=15",
+              f"trainer.group_by_length={str(group).lower()}"]  # fmt: skip
+    ref = _torchrun(glue_dir, tmp_path, "-m", "talklora_exp", *common, f"hydra.run.dir={tmp_path}/ref")
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    crash = ROOT / "tests" / "helpers" / "crash_after_checkpoint.py"
+    killed = _torchrun(glue_dir, tmp_path, str(crash), "4", *common, f"hydra.run.dir={tmp_path}/run")
+    assert killed.returncode != 0 and not (tmp_path / "run" / "adapter").exists()
+    state = ckpt.load_latest(tmp_path / "run" / "checkpoints")
+    assert state["loop"]["step"] == 4 and state["loop"]["batch_in_epoch"] == 1  # mid-epoch
+    resumed = _torchrun(
+        glue_dir, tmp_path, "-m", "talklora_exp", *common, "trainer.resume=auto", f"hydra.run.dir={tmp_path}/run"
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    m_ref = json.loads((tmp_path / "ref" / "metrics.json").read_text())
+    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert m["num_processes"] == 2 and m["resumed_from_step"] == 4 and m["status"] == "completed"
+    assert m["eval"] == m_ref["eval"] and m["val"] == m_ref["val"] and m["best_step"] == m_ref["best_step"]
+    a, b = _adapter(tmp_path / "ref"), _adapter(tmp_path / "run")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    logs = {
+        k: [json.loads(x) for x in (tmp_path / k / "train_log.jsonl").read_text().splitlines()] for k in ("ref", "run")
+    }
+    losses = {k: [r["loss"] for r in v if "loss" in r] for k, v in logs.items()}
+    assert len(losses["ref"]) == 8 and losses["run"] == losses["ref"]  # bit-identical per-step losses
 
 
 def test_the_saved_adapter_is_the_selected_steps(glue_dir, tmp_path, monkeypatch):

@@ -3,6 +3,7 @@ statistics); tasks through `Task.evaluate`. No branching on method names here.""
 
 from __future__ import annotations
 
+import logging
 import math
 import signal
 import threading
@@ -12,6 +13,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator, skip_first_batches
+from accelerate.utils import gather_object
 from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
@@ -22,6 +24,8 @@ from .methods.base import TrainHooks
 from .rundir import RunLogger
 from .tasks.base import Task, TaskData
 from .tasks.metrics import is_better
+
+log = logging.getLogger(__name__)
 
 
 class LengthGroupedBatchSampler(Sampler[list[int]]):
@@ -244,13 +248,16 @@ class Trainer:
             v["last_eval"] = report
 
     # -- training ---------------------------------------------------------------------------------------------------
-    def _state(self, v: dict[str, Any]) -> dict[str, Any]:
-        """Everything needed to continue bit-for-bit: weights, optimizer, scheduler, RNGs, data position, best-so-far."""
+    def _state(self, v: dict[str, Any], rngs: list[dict[str, Any]]) -> dict[str, Any]:
+        """Everything needed to continue bit-for-bit: weights, optimizer, scheduler, RNGs, data position, best-so-far.
+        Each process keeps its own RNG state (`rng_per_process`): ranks see batches of different lengths, so their
+        dropout draws, and hence their generators, drift apart."""
         return {
             "trainable": [p.detach().cpu().clone() for p in self.trainable],
             "optimizer": self.opt.state_dict(),
             "scheduler": self.sched.state_dict(),
-            "rng": ckpt.rng_state(),
+            "rng": rngs[0],
+            "rng_per_process": rngs,
             "loop": {k: v[k] for k in LOOP_KEYS},
             "config_hash": self.config_hash,
         }
@@ -265,6 +272,7 @@ class Trainer:
         stats_every = int(cfg.routing_stats_every) if cfg.routing_stats_every else 0
         ckpt_every = int(cfg.checkpoint_every) if cfg.get("checkpoint_every") else 0
         rec = self.hooks.routing
+        pending_rng: dict[str, Any] | None = None
         v: dict[str, Any] = dict(step=0, samples=0, epoch=0, batch_in_epoch=0, train_time=0.0, best_score=None, best_step=0,
                                  best_val=None, best_eval=None, best_routing=None, best_snap=None, best_preds=None,
                                  last_eval=None, run_loss=0.0, n_micro=0, epoch_gen_state=None)  # fmt: skip
@@ -275,7 +283,18 @@ class Trainer:
             self.opt.load_state_dict(resume["optimizer"])
             self.sched.load_state_dict(resume["scheduler"])
             v.update(resume["loop"])
-            ckpt.set_rng_state(resume["rng"])
+            rngs = resume.get("rng_per_process") or [resume["rng"]]
+            if len(rngs) != acc.num_processes:
+                log.warning("checkpoint from %d process(es), resuming on %d: data order and RNG streams differ from an "
+                            "uninterrupted run", len(rngs), acc.num_processes)  # fmt: skip
+            rng = rngs[acc.process_index] if len(rngs) == acc.num_processes else rngs[0]
+            # A DataLoader without a generator of its own (the length-grouped one) draws its base seed from the global
+            # RNG when its iterator starts. An uninterrupted run made that draw at the epoch's start, before the
+            # checkpoint; so a mid-epoch resume puts the RNG back after the new iterator's first batch.
+            if v["batch_in_epoch"]:
+                pending_rng = rng
+            else:
+                ckpt.set_rng_state(rng)
         run_loss = torch.tensor(float(v["run_loss"]), device=acc.device)
         post: dict[str, str] = {}
         pbar = tqdm(total=self.total_steps, initial=v["step"], disable=not (cfg.progress and acc.is_main_process),
@@ -293,6 +312,9 @@ class Trainer:
                 else:
                     v["epoch_gen_state"] = self.gen.get_state()
                 for batch in dl:
+                    if pending_rng is not None:
+                        ckpt.set_rng_state(pending_rng)
+                        pending_rng = None
                     v["batch_in_epoch"] += 1
                     self.hooks.set_batch(batch)
                     with acc.accumulate(self.model):
@@ -342,8 +364,9 @@ class Trainer:
                         v["run_loss"] = float(run_loss.item())
                         v["train_time"] += time.perf_counter() - t0
                         t0 = time.perf_counter()
+                        rngs = gather_object([ckpt.rng_state()]) if acc.num_processes > 1 else [ckpt.rng_state()]
                         if acc.is_main_process:
-                            ckpt.save(self.ckpt_root, step, self._state(v))
+                            ckpt.save(self.ckpt_root, step, self._state(v, rngs))
                         acc.wait_for_everyone()
                     if stop.signal:
                         raise TrainingInterrupted(
