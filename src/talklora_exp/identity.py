@@ -32,6 +32,12 @@ NOT_RESULTS = (
     "sweep_name",
     "dry_run",
 )
+# Keys added after runs were made, with the value that does what those runs did. At that value a key is left out of
+# the hash, so adding a key (with its old behaviour as default) never turns finished runs into mismatches; any other
+# value is part of the identity as usual.
+ADDED_WITH_DEFAULT: dict[str, Any] = {
+    "model.pair_encoding": "cross",
+}
 IDENTITY_FILE = "identity.json"
 
 
@@ -55,7 +61,11 @@ def _excluded(key: str) -> bool:
 def identity(cfg: DictConfig | dict) -> dict[str, Any]:
     """{"config_hash", "group_hash" (the same without the seed: runs of one table cell share it), "config": flat}."""
     container = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
-    flat = {k: v for k, v in sorted(_flatten(container).items()) if not _excluded(k)}
+    flat = {
+        k: v
+        for k, v in sorted(_flatten(container).items())
+        if not _excluded(k) and not (k in ADDED_WITH_DEFAULT and v == ADDED_WITH_DEFAULT[k])
+    }
 
     def h(d: dict) -> str:
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -130,7 +130,8 @@ def load_model(
     if task.is_regression:
         kw["problem_type"] = "regression"
     model = _load(AutoModelForSequenceClassification.from_pretrained, mcfg, path, dtype=dtype, **kw)
-    return apply_pooling(model, str(mcfg.get("pooling", "cls")))
+    model = apply_pooling(model, str(mcfg.get("pooling", "cls")))
+    return apply_pair_encoding(model, str(mcfg.get("pair_encoding", "cross")))
 
 
 def _cache_gguf_conversion(model: Any, tokenizer: Any, out: Path) -> None:
@@ -185,4 +186,37 @@ def apply_pooling(model: Any, mode: str) -> Any:
         enc.pooler.mask = kwargs.get("attention_mask")
 
     enc.register_forward_pre_hook(keep_mask, with_kwargs=True)
+    return model
+
+
+class SiameseHead(torch.nn.Module):
+    """`model.pair_encoding=siamese`: the two sentences of a pair are encoded separately (the collator stacks all first
+    sentences above all second ones, 2B rows) and the classifier reads [u, v, |u-v|, u*v] of their pooled vectors
+    (Sentence-BERT's pair features plus the product). all-MiniLM-L6-v2 was trained as such a bi-encoder; read as a
+    cross-encoder it sees two sentences in one input, which it never did in training."""
+
+    def __init__(self, hidden: int, num_labels: int, init_std: float):
+        super().__init__()
+        self.out = torch.nn.Linear(4 * hidden, num_labels)
+        torch.nn.init.normal_(self.out.weight, std=init_std)  # as transformers initialises a fresh classifier
+        torch.nn.init.zeros_(self.out.bias)
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        n = pooled.shape[0] // 2
+        u, v = pooled[:n], pooled[n:]
+        return self.out(torch.cat([u, v, (u - v).abs(), u * v], dim=-1))
+
+
+def apply_pair_encoding(model: Any, mode: str) -> Any:
+    """`cross` (GLUE's usual input, both sentences in one sequence) keeps the model; `siamese` swaps in SiameseHead."""
+    if mode == "cross":
+        return model
+    if mode != "siamese":
+        raise UserError(f"model.pair_encoding={mode!r}; allowed: ['cross', 'siamese']")
+    clf = getattr(model, "classifier", None)
+    if not isinstance(clf, torch.nn.Linear) or getattr(model.base_model, "pooler", None) is None:
+        raise UserError(f"model.pair_encoding=siamese needs a BERT-style pooler + linear classifier; "
+                        f"{type(model).__name__} has none (use pair_encoding=cross)")  # fmt: skip
+    model.classifier = SiameseHead(clf.in_features, clf.out_features, float(model.config.initializer_range))
+    model.classifier.to(clf.weight.device, clf.weight.dtype)
     return model

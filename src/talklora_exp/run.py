@@ -51,6 +51,7 @@ def build(cfg: DictConfig, accelerator: Accelerator | None = None) -> dict[str, 
     validate_config(cfg)
     mcfg = method_config(cfg.method)
     task = build_task(cfg.task)
+    task.set_pair_encoding(str(cfg.model.get("pair_encoding", "cross")))
     kind = "causal" if task.kind == "causal" else "encoder"
     if cfg.model.kind != kind:
         raise UserError(

@@ -333,7 +333,9 @@ class Trainer:
                         self.opt.zero_grad(set_to_none=True)
                     run_loss += loss.detach()
                     v["n_micro"] += 1
-                    v["samples"] += int(batch["input_ids"].shape[0]) * acc.num_processes
+                    # count examples: a siamese batch holds 2 rows per example
+                    rows = batch["labels"] if "labels" in batch else batch["input_ids"]
+                    v["samples"] += int(rows.shape[0]) * acc.num_processes
                     if stats_now:
                         self.logger.log({"step": v["step"] + 1, "routing_train": rec.stop()["aggregate"]})
                     if not acc.sync_gradients:

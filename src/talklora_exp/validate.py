@@ -47,6 +47,7 @@ RULES: dict[str, tuple[str, Any]] = {
     "model.max_length": ("int", (1, None)),
     "model.dtype": ("choice", ("auto", "bf16", "fp16", "fp32")),
     "model.pooling": ("choice", ("cls", "mean")),
+    "model.pair_encoding": ("choice", ("cross", "siamese")),
     "model.num_layers": ("int?", (1, None)),
     "task.val_size": ("int", (0, None)),
     "task.val_seed": ("int", (None, None)),

@@ -32,7 +32,7 @@ class Split(Dataset):
 
     @property
     def lengths(self) -> list[int]:
-        return [len(f["input_ids"]) for f in self.features]
+        return [max(len(f["input_ids"]), len(f.get("input_ids_b", ()))) for f in self.features]
 
 
 @dataclass
@@ -68,6 +68,11 @@ class Task:
         self.cfg = cfg
         self.name: str = cfg.name
         self.main_metric: str = cfg.main_metric
+
+    def set_pair_encoding(self, mode: str) -> None:
+        """`model.pair_encoding`: only GLUE sentence-pair tasks can be read another way than `cross`."""
+        if mode != "cross":
+            raise UserError(f"model.pair_encoding={mode!r} applies to GLUE sentence-pair tasks, not {self.name}")
 
     def collator(self, tokenizer: Any) -> Any:
         from transformers import DataCollatorWithPadding

@@ -148,6 +148,23 @@ def _load_hub(task: str, spec: GlueSpec, data_dir: str | None) -> tuple[list[Exa
     return conv("train"), {pfx: conv(HUB_DEV_SPLITS[pfx]) for pfx in spec.dev_files}, "hub:nyu-mll/glue"
 
 
+class SiameseCollator:
+    """Pads the first and the second sentences of B pairs to one length and stacks them: 2B rows (all first sentences,
+    then all second ones) that the encoder reads independently; SiameseHead splits them back. Labels stay B."""
+
+    def __init__(self, tokenizer: Any):
+        from transformers import DataCollatorWithPadding
+
+        self.pad = DataCollatorWithPadding(tokenizer)
+
+    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        keys = [k for k in features[0] if not k.endswith("_b") and k != "labels"]
+        rows = [{k: f[k] for k in keys} for f in features] + [{k: f[k + "_b"] for k in keys} for f in features]
+        batch = dict(self.pad(rows))
+        batch["labels"] = torch.stack([f["labels"] for f in features])
+        return batch
+
+
 class GlueTask(Task):
     """Sequence classification / regression on one GLUE task."""
 
@@ -160,6 +177,16 @@ class GlueTask(Task):
         self.spec = GLUE_SPECS[cfg.name]
         self.metric_names = M.GLUE_METRICS[cfg.name]
         self.num_labels = len(self.spec.labels) if self.spec.labels else 1
+        self.pair_encoding = "cross"  # set from model.pair_encoding by run.build (how the model reads a pair)
+
+    def set_pair_encoding(self, mode: str) -> None:
+        if mode == "siamese" and len(self.spec.text_cols) != 2:
+            raise UserError(f"model.pair_encoding=siamese needs a sentence-pair task; glue/{self.name} has one sentence "
+                            "(use pair_encoding=cross)")  # fmt: skip
+        self.pair_encoding = mode
+
+    def collator(self, tokenizer: Any) -> Any:
+        return SiameseCollator(tokenizer) if self.pair_encoding == "siamese" else super().collator(tokenizer)
 
     @property
     def is_regression(self) -> bool:
@@ -183,8 +210,13 @@ class GlueTask(Task):
         devs = {k: (v[:max_eval] if max_eval else v) for k, v in devs.items()}
 
         def encode(exs: list[Example]) -> Split:
-            enc = tokenizer(*zip(*[e.text for e in exs]), truncation=True, max_length=max_length)
-            feats = [{k: enc[k][i] for k in enc} for i in range(len(exs))]
+            if self.pair_encoding == "siamese":  # each sentence on its own: first-sentence fields, then "<field>_b"
+                a = tokenizer([e.text[0] for e in exs], truncation=True, max_length=max_length)
+                b = tokenizer([e.text[1] for e in exs], truncation=True, max_length=max_length)
+                feats = [{**{k: a[k][i] for k in a}, **{k + "_b": b[k][i] for k in b}} for i in range(len(exs))]
+            else:
+                enc = tokenizer(*zip(*[e.text for e in exs]), truncation=True, max_length=max_length)
+                feats = [{k: enc[k][i] for k in enc} for i in range(len(exs))]
             dtype = torch.float32 if self.is_regression else torch.long
             for f, e in zip(feats, exs):
                 f["labels"] = torch.tensor(e.label, dtype=dtype)
