@@ -262,3 +262,34 @@ def test_unreadable_metrics_is_left_out_with_its_reason(runs: Path, tmp_path: Pa
     assert analysis_main([str(runs), "--out", str(tmp_path / "o"), "--no-plots"]) == 0
     left = (tmp_path / "o" / "tables" / "left_out.md").read_text()
     assert "garbled | unreadable metrics.json (" in left
+
+
+def _grid_run(root: Path, task: str, pair: str | None, lr: float, val: float, dev: float, metric: str = "accuracy"):
+    d = root / f"{task}-{pair}-{lr}"
+    d.mkdir(parents=True)
+    cfg = {"trainer.lr": lr, "seed": 0, **({"model.pair_encoding": pair} if pair else {})}
+    (d / "identity.json").write_text(json.dumps({"config_hash": f"{task}{pair}{lr}", "config": cfg}))
+    (d / "metrics.json").write_text(json.dumps({
+        "status": "completed", "task": task, "task_family": "glue", "method": "lora", "model": "minilm",
+        "budget": {"name": "lora_r16"}, "main_metric": metric, "eval": {metric: dev}, "group_hash": f"{task}{pair}{lr}",
+        "selection": {"protocol": "val_from_train", "split": "val", "metric": metric, "value": val, "step": 7}}))  # fmt: skip
+
+
+def test_choose_lr_picks_on_validation_across_grids_never_dev(tmp_path: Path):
+    """Every lr of a cell is compared (not one config per cell), pair encodings from a second grid compete, dev never
+    decides (the best-dev setting has a worse val), and a run made before pair_encoding existed counts as cross."""
+    from talklora_exp.analysis.choose_lr import main as choose_main
+
+    cross, pairs = tmp_path / "cross", tmp_path / "pairs"
+    _grid_run(cross, "rte", None, 5e-4, val=0.52, dev=0.70)
+    _grid_run(cross, "rte", None, 1e-3, val=0.54, dev=0.50)
+    _grid_run(pairs, "rte", "siamese", 5e-4, val=0.60, dev=0.55)
+    _grid_run(pairs, "rte", "siamese", 1e-3, val=0.58, dev=0.69)
+    _grid_run(cross, "mrpc", "cross", 1e-3, val=0.80, dev=0.80)
+    _grid_run(cross, "mrpc", "cross", 2e-3, val=0.83, dev=0.79)
+    _grid_run(pairs, "mrpc", "siamese", 2e-3, val=0.83, dev=0.90)  # a tie on val goes to cross
+    assert choose_main([str(cross), str(pairs), "--out", str(tmp_path / "out")]) == 0
+    got = json.loads((tmp_path / "out" / "choice.json").read_text())
+    assert got == {"mrpc": {"lr": 2e-3, "pair_encoding": "cross"}, "rte": {"lr": 5e-4, "pair_encoding": "siamese"}}
+    md = (tmp_path / "out" / "choice.md").read_text()
+    assert "| rte | siamese | 0.0005 | 0.6000 | 7 | 0.5500 |" in md and "cross 0.001: 0.5400" in md

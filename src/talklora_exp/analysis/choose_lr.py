@@ -1,53 +1,78 @@
-"""`python -m talklora_exp.analysis.choose_lr GRID_DIR`: the learning rate per task from a grid sweep, chosen on the
-validation split held out of train (each run's selected validation score), never on dev. Prints a table and writes
-GRID_DIR/choice.md and choice.json (the values the table preset uses; `make tables` does not read them)."""
+"""`python -m talklora_exp.analysis.choose_lr GRID_DIR [GRID_DIR ...] [--out DIR]`: the learning rate (and, for
+sentence pairs, the pair encoding) per task from grid sweeps, chosen on the validation split held out of train (each
+run's selected validation score, averaged over its seeds), never on dev. Prints a table and writes choice.md and
+choice.json (the values the table preset copies; `make tables` does not read them) into --out (default: the first
+grid dir)."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from collections import defaultdict
 from pathlib import Path
+from statistics import mean
 
 from .collect import collect
 
 
-def choose(grid: Path) -> dict[str, dict]:
-    runs, _ = collect([grid])
-    by_task: dict[str, list[tuple[float, float, int, float | None]]] = defaultdict(list)
+def choose(grids: list[Path]) -> dict[str, dict]:
+    """{task: {lr, pair_encoding, val_score, selected_step, all: [every setting tried]}}; ties go to `cross`, then to
+    the smaller lr. A loss selects lower-is-better (its score is negated)."""
+    runs, _ = collect(grids, one_config=False)  # every lr of a cell: the grid compares configs
+    settings: dict[tuple[str, str, float], list[tuple[float, int, float | None]]] = defaultdict(list)
     for r in runs:
         sel = r.metrics.get("selection") or {}
         if sel.get("split") != "val" or sel.get("value") is None:
             continue
-        lr = float(json.loads((r.dir / "identity.json").read_text())["config"]["trainer.lr"])
-        # higher is better for a metric, lower for a loss
+        cfg = json.loads((r.dir / "identity.json").read_text())["config"]
+        pair = str(cfg.get("model.pair_encoding", "cross"))  # absent: runs made before the key existed (cross)
         score = -sel["value"] if sel.get("metric") == "loss" else sel["value"]
-        by_task[r.metrics["task"]].append((score, lr, sel["step"], r.main_value))
-    return {
-        t: {"lr": best[1], "val_score": best[0], "selected_step": best[2],
-            "all": sorted(({"lr": lr, "val_score": s, "step": st, "dev": d} for s, lr, st, d in rows), key=lambda x: x["lr"])}
-        for t, rows in sorted(by_task.items())
-        for best in [max(rows, key=lambda x: (x[0], -x[1]))]  # ties: the smaller lr
-    }  # fmt: skip
+        settings[(r.metrics["task"], pair, float(cfg["trainer.lr"]))].append((score, sel["step"], r.main_value))
+    by_task: dict[str, list[dict]] = defaultdict(list)
+    for (task, pair, lr), rows in settings.items():
+        by_task[task].append({"pair_encoding": pair, "lr": lr, "val_score": mean(x[0] for x in rows),
+                              "step": rows[0][1], "dev": mean(x[2] for x in rows) if all(x[2] is not None for x in rows)
+                              else None, "seeds": len(rows)})  # fmt: skip
+    out = {}
+    for task, rows in sorted(by_task.items()):
+        rows.sort(key=lambda a: (a["pair_encoding"], a["lr"]))
+        best = max(rows, key=lambda a: (a["val_score"], a["pair_encoding"] == "cross", -a["lr"]))
+        out[task] = {"lr": best["lr"], "pair_encoding": best["pair_encoding"], "val_score": best["val_score"],
+                     "selected_step": best["step"], "all": rows}  # fmt: skip
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 1 or not Path(argv[0]).is_dir():
-        print("usage: python -m talklora_exp.analysis.choose_lr GRID_DIR", file=sys.stderr)
+    ap = argparse.ArgumentParser(prog="python -m talklora_exp.analysis.choose_lr", description=__doc__.split("\n\n")[0])
+    ap.add_argument("grids", nargs="+", type=Path)
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args(sys.argv[1:] if argv is None else argv)
+    missing = [str(g) for g in args.grids if not g.is_dir()]
+    if missing:
+        print(f"error: not a directory: {', '.join(missing)}", file=sys.stderr)
         return 2
-    grid = Path(argv[0])
-    picked = choose(grid)
-    lines = ["### Learning rate per task (chosen on the validation split held out of train)", "",
-             "| Task | lr | val score at the selected step | step | (dev at that step, not used) | all lrs: val score |",
-             "|---|---|---|---|---|---|"]  # fmt: skip
+    picked = choose(args.grids)
+    if not picked:
+        print(f"error: no completed run with a validation selection under {', '.join(map(str, args.grids))}",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    out = args.out or args.grids[0]
+    lines = ["### Learning rate (and pair encoding) per task, chosen on the validation split held out of train", "",
+             f"From: {', '.join(str(g) for g in args.grids)}", "",
+             "| Task | pair encoding | lr | val score | selected step | (dev there, not used) | every setting: val score |",
+             "|---|---|---|---|---|---|---|"]  # fmt: skip
     for t, c in picked.items():
-        others = ", ".join(f"{a['lr']:g}: {a['val_score']:.4f}" for a in c["all"])
-        dev = next(a["dev"] for a in c["all"] if a["lr"] == c["lr"])
-        lines.append(f"| {t} | {c['lr']:g} | {c['val_score']:.4f} | {c['selected_step']} | {dev:.4f} | {others} |")
+        others = ", ".join(f"{a['pair_encoding']} {a['lr']:g}: {a['val_score']:.4f}" for a in c["all"])
+        dev = next(a["dev"] for a in c["all"] if a["lr"] == c["lr"] and a["pair_encoding"] == c["pair_encoding"])
+        dev_s = f"{dev:.4f}" if dev is not None else "-"
+        lines.append(f"| {t} | {c['pair_encoding']} | {c['lr']:g} | {c['val_score']:.4f} | {c['selected_step']} | "
+                     f"{dev_s} | {others} |")  # fmt: skip
     text = "\n".join(lines) + "\n"
-    (grid / "choice.md").write_text(text)
-    (grid / "choice.json").write_text(json.dumps({t: c["lr"] for t, c in picked.items()}, indent=2) + "\n")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "choice.md").write_text(text)
+    choice = {t: {"lr": c["lr"], "pair_encoding": c["pair_encoding"]} for t, c in picked.items()}
+    (out / "choice.json").write_text(json.dumps(choice, indent=2) + "\n")
     print(text, end="")
     return 0
 

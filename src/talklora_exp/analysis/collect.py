@@ -42,8 +42,9 @@ class Run:
         return f"{sel.get('protocol')}" + (f" ({sel.get('split')} {sel.get('metric')})" if sel.get("split") else "")
 
 
-def collect(dirs: list[Path]) -> tuple[list[Run], list[tuple[Path, str]]]:
-    """Completed runs, and (dir, reason) for every run dir that is not completed or does not fit its cell."""
+def collect(dirs: list[Path], one_config: bool = True) -> tuple[list[Run], list[tuple[Path, str]]]:
+    """Completed runs, and (dir, reason) for every run dir that is not completed or does not fit its cell.
+    `one_config=False` keeps every config of a cell (a hyper-parameter grid compares them)."""
     done: list[Run] = []
     bad: list[tuple[Path, str]] = []
     seen: set[Path] = set()
@@ -76,7 +77,7 @@ def collect(dirs: list[Path]) -> tuple[list[Run], list[tuple[Path, str]]]:
                     [json.loads(x) for x in lp.read_text().splitlines() if x.strip()] if lp.exists() else [],
                 )
             )
-    done, mixed = one_config_per_cell(done)
+    done, mixed = one_config_per_cell(done) if one_config else (done, [])
     return expand_multi_task(done), bad + mixed
 
 
