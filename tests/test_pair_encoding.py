@@ -110,3 +110,14 @@ def test_siamese_logits_are_each_sentence_encoded_alone(glue_dir, tmp_path):
     assert max(r.get("samples", 0) for r in log) == 6 * 4  # examples, not the 2 rows each
     again, _ = evaluate_run(tmp_path / "run", [])  # the saved head and adapter reload into the same model
     assert again == pytest.approx(m["eval"])
+
+
+def test_a_record_that_spells_out_the_old_behaviour_is_the_same_run():
+    """Runs recorded while the key sat in the yaml but not yet in ADDED_WITH_DEFAULT hashed it in: still the same run
+    (and their checkpoints resume); any real difference still is not."""
+    new = identity.identity(compose_cfg(["task=glue/rte"]))
+    spelled = {"config_hash": "recorded-before", "config": {**new["config"], "model.pair_encoding": "cross"}}
+    assert identity.same_config(spelled, new)
+    other = {"config_hash": "x", "config": {**new["config"], "model.pair_encoding": "cross", "trainer.lr": 9.0}}
+    assert not identity.same_config(other, new) and not identity.same_config(None, new)
+    assert not identity.same_config({"config_hash": "x", "config": {}}, new)

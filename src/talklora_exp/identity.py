@@ -58,14 +58,25 @@ def _excluded(key: str) -> bool:
     return any(key == x or key.startswith(x + ".") for x in NOT_RESULTS)
 
 
+def _at_old_behaviour(key: str, value: Any) -> bool:
+    return key in ADDED_WITH_DEFAULT and value == ADDED_WITH_DEFAULT[key]
+
+
+def same_config(stored: dict[str, Any] | None, new: dict[str, Any]) -> bool:
+    """Whether a run dir's recorded identity is this config: equal hashes, or equal configs once keys sitting at their
+    old behaviour are dropped (a run recorded with such a key spelled out, before it was listed, is the same run)."""
+    if stored is None:
+        return False
+    if stored.get("config_hash") == new["config_hash"]:
+        return True
+    old = {k: v for k, v in (stored.get("config") or {}).items() if not _at_old_behaviour(k, v)}
+    return bool(old) and old == new["config"]
+
+
 def identity(cfg: DictConfig | dict) -> dict[str, Any]:
     """{"config_hash", "group_hash" (the same without the seed: runs of one table cell share it), "config": flat}."""
     container = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
-    flat = {
-        k: v
-        for k, v in sorted(_flatten(container).items())
-        if not _excluded(k) and not (k in ADDED_WITH_DEFAULT and v == ADDED_WITH_DEFAULT[k])
-    }
+    flat = {k: v for k, v in sorted(_flatten(container).items()) if not _excluded(k) and not _at_old_behaviour(k, v)}
 
     def h(d: dict) -> str:
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]

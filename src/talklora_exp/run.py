@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from . import budget as budget_mod
 from . import checkpoint as ckpt
 from .errors import UserError
-from .identity import IDENTITY_FILE, identity, mismatch_error, read_identity
+from .identity import IDENTITY_FILE, identity, mismatch_error, read_identity, same_config
 from .methods import build_method, find_target_layers, method_config
 from .models import load_model, load_tokenizer
 from .rundir import RunDirBusy, RunDirLock, RunLogger, atomic_write_json, read_status
@@ -153,7 +153,7 @@ def _run_locked(cfg: DictConfig, run_dir: Path, ident: dict, acc: Accelerator, m
     overwrite = bool(cfg.get("overwrite", False))
     stored = read_identity(run_dir)
     if read_status(run_dir) == "completed" and not overwrite:
-        if stored is not None and stored["config_hash"] == ident["config_hash"]:
+        if same_config(stored, ident):
             log.info(
                 "skip: %s already completed (same config hash %s; overwrite=true to redo)",
                 run_dir,
@@ -170,8 +170,11 @@ def _run_locked(cfg: DictConfig, run_dir: Path, ident: dict, acc: Accelerator, m
             resume_state = ckpt.load_latest(ckpt_root)
         except ckpt.NoUsableCheckpoint as e:
             raise UserError(f"{e}; rerun without trainer.resume=auto (or with overwrite=true) to start over") from None
-        if resume_state is not None and resume_state.get("config_hash") != ident["config_hash"]:
-            raise mismatch_error(run_dir, "its checkpoint is", stored, ident)
+        ck = resume_state.get("config_hash") if resume_state is not None else None
+        if resume_state is not None and ck != ident["config_hash"]:
+            # a checkpoint of the run recorded in identity.json, when that record is this config
+            if not (stored is not None and ck == stored.get("config_hash") and same_config(stored, ident)):
+                raise mismatch_error(run_dir, "its checkpoint is", stored, ident)
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         for stale in ("metrics.json", "routing.json", "predictions.jsonl"):
