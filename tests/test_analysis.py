@@ -267,11 +267,12 @@ def test_unreadable_metrics_is_left_out_with_its_reason(runs: Path, tmp_path: Pa
 def _grid_run(root: Path, task: str, pair: str | None, lr: float, val: float, dev: float, metric: str = "accuracy"):
     d = root / f"{task}-{pair}-{lr}"
     d.mkdir(parents=True)
-    cfg = {"trainer.lr": lr, "seed": 0, **({"model.pair_encoding": pair} if pair else {})}
+    cfg = {"trainer.lr": lr, "seed": 0, "trainer.batch_size": 4, **({"model.pair_encoding": pair} if pair else {})}
     (d / "identity.json").write_text(json.dumps({"config_hash": f"{task}{pair}{lr}", "config": cfg}))
     (d / "metrics.json").write_text(json.dumps({
         "status": "completed", "task": task, "task_family": "glue", "method": "lora", "model": "minilm",
         "budget": {"name": "lora_r16"}, "main_metric": metric, "eval": {metric: dev}, "group_hash": f"{task}{pair}{lr}",
+        "data": {"n_train": 10}, "num_processes": 1,   # 3 steps per epoch at batch 4
         "selection": {"protocol": "val_from_train", "split": "val", "metric": metric, "value": val, "step": 7}}))  # fmt: skip
 
 
@@ -292,4 +293,4 @@ def test_choose_lr_picks_on_validation_across_grids_never_dev(tmp_path: Path):
     got = json.loads((tmp_path / "out" / "choice.json").read_text())
     assert got == {"mrpc": {"lr": 2e-3, "pair_encoding": "cross"}, "rte": {"lr": 5e-4, "pair_encoding": "siamese"}}
     md = (tmp_path / "out" / "choice.md").read_text()
-    assert "| rte | siamese | 0.0005 | 0.6000 | 7 | 0.5500 |" in md and "cross 0.001: 0.5400" in md
+    assert "| rte | siamese | 0.0005 | 0.6000 | 7 (2.33) | 0.5500 |" in md and "cross 0.001: 0.5400" in md

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -20,7 +21,7 @@ def choose(grids: list[Path]) -> dict[str, dict]:
     """{task: {lr, pair_encoding, val_score, selected_step, all: [every setting tried]}}; ties go to `cross`, then to
     the smaller lr. A loss selects lower-is-better (its score is negated)."""
     runs, _ = collect(grids, one_config=False)  # every lr of a cell: the grid compares configs
-    settings: dict[tuple[str, str, float], list[tuple[float, int, float | None]]] = defaultdict(list)
+    settings: dict[tuple[str, str, float], list[tuple[float, int, float | None, float | None]]] = defaultdict(list)
     for r in runs:
         sel = r.metrics.get("selection") or {}
         if sel.get("split") != "val" or sel.get("value") is None:
@@ -28,19 +29,32 @@ def choose(grids: list[Path]) -> dict[str, dict]:
         cfg = json.loads((r.dir / "identity.json").read_text())["config"]
         pair = str(cfg.get("model.pair_encoding", "cross"))  # absent: runs made before the key existed (cross)
         score = -sel["value"] if sel.get("metric") == "loss" else sel["value"]
-        settings[(r.metrics["task"], pair, float(cfg["trainer.lr"]))].append((score, sel["step"], r.main_value))
+        settings[(r.metrics["task"], pair, float(cfg["trainer.lr"]))].append(
+            (score, sel["step"], r.main_value, _epochs_at(sel["step"], r.metrics, cfg))
+        )
     by_task: dict[str, list[dict]] = defaultdict(list)
     for (task, pair, lr), rows in settings.items():
         by_task[task].append({"pair_encoding": pair, "lr": lr, "val_score": mean(x[0] for x in rows),
                               "step": rows[0][1], "dev": mean(x[2] for x in rows) if all(x[2] is not None for x in rows)
-                              else None, "seeds": len(rows)})  # fmt: skip
+                              else None, "seeds": len(rows), "epochs_at_step": rows[0][3]})  # fmt: skip
     out = {}
     for task, rows in sorted(by_task.items()):
         rows.sort(key=lambda a: (a["pair_encoding"], a["lr"]))
         best = max(rows, key=lambda a: (a["val_score"], a["pair_encoding"] == "cross", -a["lr"]))
         out[task] = {"lr": best["lr"], "pair_encoding": best["pair_encoding"], "val_score": best["val_score"],
-                     "selected_step": best["step"], "all": rows}  # fmt: skip
+                     "selected_step": best["step"], "epochs_at_step": best["epochs_at_step"], "all": rows}  # fmt: skip
     return out
+
+
+def _epochs_at(step: int, metrics: dict, cfg: dict) -> float | None:
+    """Training epochs done at `step`: how long the schedule had to run for the selected step, the basis for sizing a
+    shorter table schedule."""
+    n = (metrics.get("data") or {}).get("n_train")
+    per_step = int(cfg.get("trainer.batch_size", 0)) * int(cfg.get("trainer.grad_accum", 1) or 1)
+    per_step *= int(metrics.get("num_processes") or 1)
+    if not n or not per_step:
+        return None
+    return round(step / math.ceil(n / per_step), 2)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,13 +74,14 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or args.grids[0]
     lines = ["### Learning rate (and pair encoding) per task, chosen on the validation split held out of train", "",
              f"From: {', '.join(str(g) for g in args.grids)}", "",
-             "| Task | pair encoding | lr | val score | selected step | (dev there, not used) | every setting: val score |",
+             "| Task | pair encoding | lr | val score | selected step (epochs) | (dev there, not used) | every setting: val score |",
              "|---|---|---|---|---|---|---|"]  # fmt: skip
     for t, c in picked.items():
         others = ", ".join(f"{a['pair_encoding']} {a['lr']:g}: {a['val_score']:.4f}" for a in c["all"])
         dev = next(a["dev"] for a in c["all"] if a["lr"] == c["lr"] and a["pair_encoding"] == c["pair_encoding"])
         dev_s = f"{dev:.4f}" if dev is not None else "-"
-        lines.append(f"| {t} | {c['pair_encoding']} | {c['lr']:g} | {c['val_score']:.4f} | {c['selected_step']} | "
+        ep = f" ({c['epochs_at_step']:g})" if c.get("epochs_at_step") is not None else ""
+        lines.append(f"| {t} | {c['pair_encoding']} | {c['lr']:g} | {c['val_score']:.4f} | {c['selected_step']}{ep} | "
                      f"{dev_s} | {others} |")  # fmt: skip
     text = "\n".join(lines) + "\n"
     out.mkdir(parents=True, exist_ok=True)
