@@ -170,10 +170,11 @@ def _run_locked(cfg: DictConfig, run_dir: Path, ident: dict, acc: Accelerator, m
             resume_state = ckpt.load_latest(ckpt_root)
         except ckpt.NoUsableCheckpoint as e:
             raise UserError(f"{e}; rerun without trainer.resume=auto (or with overwrite=true) to start over") from None
-        ck = resume_state.get("config_hash") if resume_state is not None else None
-        if resume_state is not None and ck != ident["config_hash"]:
-            # a checkpoint of the run recorded in identity.json, when that record is this config
-            if not (stored is not None and ck == stored.get("config_hash") and same_config(stored, ident)):
+        if resume_state is not None:
+            ck = resume_state.get("config_hash")
+            # this config's checkpoint, or one of the run recorded in identity.json when that record is this config
+            recorded = stored is not None and ck == stored.get("config_hash") and same_config(stored, ident)
+            if ck != ident["config_hash"] and not recorded:
                 raise mismatch_error(run_dir, "its checkpoint is", stored, ident)
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)

@@ -256,7 +256,6 @@ class Trainer:
             "trainable": [p.detach().cpu().clone() for p in self.trainable],
             "optimizer": self.opt.state_dict(),
             "scheduler": self.sched.state_dict(),
-            "rng": rngs[0],
             "rng_per_process": rngs,
             "loop": {k: v[k] for k in LOOP_KEYS},
             "config_hash": self.config_hash,
@@ -283,7 +282,7 @@ class Trainer:
             self.opt.load_state_dict(resume["optimizer"])
             self.sched.load_state_dict(resume["scheduler"])
             v.update(resume["loop"])
-            rngs = resume.get("rng_per_process") or [resume["rng"]]
+            rngs = resume.get("rng_per_process") or [resume["rng"]]  # "rng": checkpoints from before per-process states
             if len(rngs) != acc.num_processes:
                 log.warning("checkpoint from %d process(es), resuming on %d: data order and RNG streams differ from an "
                             "uninterrupted run", len(rngs), acc.num_processes)  # fmt: skip
