@@ -264,16 +264,18 @@ def test_unreadable_metrics_is_left_out_with_its_reason(runs: Path, tmp_path: Pa
     assert "garbled | unreadable metrics.json (" in left
 
 
-def _grid_run(root: Path, task: str, pair: str | None, lr: float, val: float, dev: float, metric: str = "accuracy"):
+def _grid_run(root: Path, task: str, pair: str | None, lr: float, val: float, dev: float, metric: str = "accuracy",
+              step: int = 7, epochs: int = 10):  # fmt: skip
     d = root / f"{task}-{pair}-{lr}"
     d.mkdir(parents=True)
-    cfg = {"trainer.lr": lr, "seed": 0, "trainer.batch_size": 4, **({"model.pair_encoding": pair} if pair else {})}
+    cfg = {"trainer.lr": lr, "seed": 0, "trainer.batch_size": 4, "trainer.epochs": epochs,
+           **({"model.pair_encoding": pair} if pair else {})}  # fmt: skip
     (d / "identity.json").write_text(json.dumps({"config_hash": f"{task}{pair}{lr}", "config": cfg}))
     (d / "metrics.json").write_text(json.dumps({
         "status": "completed", "task": task, "task_family": "glue", "method": "lora", "model": "minilm",
         "budget": {"name": "lora_r16"}, "main_metric": metric, "eval": {metric: dev}, "group_hash": f"{task}{pair}{lr}",
         "data": {"n_train": 10}, "num_processes": 1,   # 3 steps per epoch at batch 4
-        "selection": {"protocol": "val_from_train", "split": "val", "metric": metric, "value": val, "step": 7}}))  # fmt: skip
+        "selection": {"protocol": "val_from_train", "split": "val", "metric": metric, "value": val, "step": step}}))  # fmt: skip
 
 
 def test_choose_lr_picks_on_validation_across_grids_never_dev(tmp_path: Path):
@@ -287,10 +289,13 @@ def test_choose_lr_picks_on_validation_across_grids_never_dev(tmp_path: Path):
     _grid_run(pairs, "rte", "siamese", 5e-4, val=0.60, dev=0.55)
     _grid_run(pairs, "rte", "siamese", 1e-3, val=0.58, dev=0.69)
     _grid_run(cross, "mrpc", "cross", 1e-3, val=0.80, dev=0.80)
-    _grid_run(cross, "mrpc", "cross", 2e-3, val=0.83, dev=0.79)
+    _grid_run(cross, "mrpc", "cross", 2e-3, val=0.83, dev=0.79, step=13, epochs=8)  # 13 steps: 4.33 epochs -> 9 > 8
     _grid_run(pairs, "mrpc", "siamese", 2e-3, val=0.83, dev=0.90)  # a tie on val goes to cross
+    _grid_run(cross, "cola", None, 1e-3, val=0.40, dev=0.40, step=2, metric="mcc")  # 0.67 epochs: 2 x -> 2 < 3
     assert choose_main([str(cross), str(pairs), "--out", str(tmp_path / "out")]) == 0
     got = json.loads((tmp_path / "out" / "choice.json").read_text())
-    assert got == {"mrpc": {"lr": 2e-3, "pair_encoding": "cross"}, "rte": {"lr": 5e-4, "pair_encoding": "siamese"}}
+    assert got == {"cola": {"lr": 1e-3, "pair_encoding": "cross", "epochs": 3},  # the floor
+                   "mrpc": {"lr": 2e-3, "pair_encoding": "cross", "epochs": 8},  # the grid's cap
+                   "rte": {"lr": 5e-4, "pair_encoding": "siamese", "epochs": 5}}  # ceil(2 x 2.33)  # fmt: skip
     md = (tmp_path / "out" / "choice.md").read_text()
-    assert "| rte | siamese | 0.0005 | 0.6000 | 7 (2.33) | 0.5500 |" in md and "cross 0.001: 0.5400" in md
+    assert "| rte | siamese | 0.0005 | 0.6000 | 7 (2.33) | 5 | 0.5500 |" in md and "cross 0.001: 0.5400" in md

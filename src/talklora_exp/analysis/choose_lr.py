@@ -2,7 +2,12 @@
 sentence pairs, the pair encoding) per task from grid sweeps, chosen on the validation split held out of train (each
 run's selected validation score, averaged over its seeds), never on dev. Prints a table and writes choice.md and
 choice.json (the values the table preset copies; `make tables` does not read them) into --out (default: the first
-grid dir)."""
+grid dir).
+
+The table's epochs per task come from the same runs by a fixed rule (EPOCH_FACTOR, MIN_EPOCHS): twice the epochs the
+chosen run needed to reach its selected step, at least 3, never more than the grid ran. The factor gives methods that
+converge more slowly than LoRA (the table trains all of them) room past LoRA's best step; the cap keeps the table
+inside what the grid measured."""
 
 from __future__ import annotations
 
@@ -15,6 +20,9 @@ from pathlib import Path
 from statistics import mean
 
 from .collect import collect
+
+EPOCH_FACTOR = 2.0
+MIN_EPOCHS = 3
 
 
 def choose(grids: list[Path]) -> dict[str, dict]:
@@ -30,20 +38,30 @@ def choose(grids: list[Path]) -> dict[str, dict]:
         pair = str(cfg.get("model.pair_encoding", "cross"))  # absent: runs made before the key existed (cross)
         score = -sel["value"] if sel.get("metric") == "loss" else sel["value"]
         settings[(r.metrics["task"], pair, float(cfg["trainer.lr"]))].append(
-            (score, sel["step"], r.main_value, _epochs_at(sel["step"], r.metrics, cfg))
+            (score, sel["step"], r.main_value, _epochs_at(sel["step"], r.metrics, cfg), cfg.get("trainer.epochs"))
         )
     by_task: dict[str, list[dict]] = defaultdict(list)
     for (task, pair, lr), rows in settings.items():
         by_task[task].append({"pair_encoding": pair, "lr": lr, "val_score": mean(x[0] for x in rows),
                               "step": rows[0][1], "dev": mean(x[2] for x in rows) if all(x[2] is not None for x in rows)
-                              else None, "seeds": len(rows), "epochs_at_step": rows[0][3]})  # fmt: skip
+                              else None, "seeds": len(rows), "epochs_at_step": rows[0][3],
+                              "grid_epochs": rows[0][4]})  # fmt: skip
     out = {}
     for task, rows in sorted(by_task.items()):
         rows.sort(key=lambda a: (a["pair_encoding"], a["lr"]))
         best = max(rows, key=lambda a: (a["val_score"], a["pair_encoding"] == "cross", -a["lr"]))
         out[task] = {"lr": best["lr"], "pair_encoding": best["pair_encoding"], "val_score": best["val_score"],
-                     "selected_step": best["step"], "epochs_at_step": best["epochs_at_step"], "all": rows}  # fmt: skip
+                     "selected_step": best["step"], "epochs_at_step": best["epochs_at_step"],
+                     "epochs": table_epochs(best["epochs_at_step"], best["grid_epochs"]), "all": rows}  # fmt: skip
     return out
+
+
+def table_epochs(epochs_at_step: float | None, grid_epochs: int | None) -> int | None:
+    """ceil(EPOCH_FACTOR x epochs at the selected step), at least MIN_EPOCHS, at most the grid's epochs (None when the
+    grid run does not say how long it ran)."""
+    if epochs_at_step is None or grid_epochs is None:
+        return None
+    return int(min(int(grid_epochs), max(MIN_EPOCHS, math.ceil(EPOCH_FACTOR * epochs_at_step - 1e-9))))
 
 
 def _epochs_at(step: int, metrics: dict, cfg: dict) -> float | None:
@@ -74,19 +92,22 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or args.grids[0]
     lines = ["### Learning rate (and pair encoding) per task, chosen on the validation split held out of train", "",
              f"From: {', '.join(str(g) for g in args.grids)}", "",
-             "| Task | pair encoding | lr | val score | selected step (epochs) | (dev there, not used) | every setting: val score |",
-             "|---|---|---|---|---|---|---|"]  # fmt: skip
+             "| Task | pair encoding | lr | val score | selected step (epochs) | table epochs | (dev there, not used) "
+             "| every setting: val score |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for t, c in picked.items():
         others = ", ".join(f"{a['pair_encoding']} {a['lr']:g}: {a['val_score']:.4f}" for a in c["all"])
         dev = next(a["dev"] for a in c["all"] if a["lr"] == c["lr"] and a["pair_encoding"] == c["pair_encoding"])
         dev_s = f"{dev:.4f}" if dev is not None else "-"
         ep = f" ({c['epochs_at_step']:g})" if c.get("epochs_at_step") is not None else ""
+        te = c["epochs"] if c.get("epochs") is not None else "-"
         lines.append(f"| {t} | {c['pair_encoding']} | {c['lr']:g} | {c['val_score']:.4f} | {c['selected_step']}{ep} | "
-                     f"{dev_s} | {others} |")  # fmt: skip
+                     f"{te} | {dev_s} | {others} |")  # fmt: skip
+    lines += ["", f"Table epochs: ceil({EPOCH_FACTOR:g} x epochs at the selected step), at least {MIN_EPOCHS}, at most the "
+              "grid's epochs (room for methods slower than LoRA; the table still selects its step on validation)."]
     text = "\n".join(lines) + "\n"
     out.mkdir(parents=True, exist_ok=True)
     (out / "choice.md").write_text(text)
-    choice = {t: {"lr": c["lr"], "pair_encoding": c["pair_encoding"]} for t, c in picked.items()}
+    choice = {t: {"lr": c["lr"], "pair_encoding": c["pair_encoding"], "epochs": c["epochs"]} for t, c in picked.items()}
     (out / "choice.json").write_text(json.dumps(choice, indent=2) + "\n")
     print(text, end="")
     return 0
