@@ -102,8 +102,11 @@ def main(argv: list[str] | None = None) -> int:
         te = c["epochs"] if c.get("epochs") is not None else "-"
         lines.append(f"| {t} | {c['pair_encoding']} | {c['lr']:g} | {c['val_score']:.4f} | {c['selected_step']}{ep} | "
                      f"{te} | {dev_s} | {others} |")  # fmt: skip
-    lines += ["", f"Table epochs: ceil({EPOCH_FACTOR:g} x epochs at the selected step), at least {MIN_EPOCHS}, at most the "
-              "grid's epochs (room for methods slower than LoRA; the table still selects its step on validation)."]
+    lines += [
+        "",
+        f"Table epochs: ceil({EPOCH_FACTOR:g} x epochs at the selected step), at least {MIN_EPOCHS}, at most the "
+        "grid's epochs (room for methods slower than LoRA; the table still selects its step on validation).",
+    ]
     text = "\n".join(lines) + "\n"
     out.mkdir(parents=True, exist_ok=True)
     (out / "choice.md").write_text(text)
