@@ -299,3 +299,23 @@ def test_choose_lr_picks_on_validation_across_grids_never_dev(tmp_path: Path):
                    "rte": {"lr": 5e-4, "pair_encoding": "siamese", "epochs": 5}}  # ceil(2 x 2.33)  # fmt: skip
     md = (tmp_path / "out" / "choice.md").read_text()
     assert "| rte | siamese | 0.0005 | 0.6000 | 7 (2.33) | 5 | 0.5500 |" in md and "cross 0.001: 0.5400" in md
+
+
+def test_compute_table_sums_process_hours_of_every_completed_run(tmp_path: Path):
+    """Training plus recorded evaluation time, times processes; runs of a second config in one cell count too (a grid
+    spent that compute), an interrupted run does not, and a run without eval_runtime_s counts its training only."""
+    runs = tmp_path / "r"
+    times = {("rte", "lora", 1, "g1"): (3600, 360, 1), ("rte", "lora", 1, "g2"): (1800, 180, 2),
+             ("rte", "talklora", 1, "g1"): (7200, None, 1)}  # fmt: skip
+    for (task, method, seed, g), (train, ev, procs) in times.items():
+        write_run(runs, task, method, seed, 0.6, group_hash=g)
+        f = runs / f"{task}-{method}-{seed}-{g}" / "metrics.json"
+        m = json.loads(f.read_text())
+        m.update(train_runtime_s=train, num_processes=procs, **({"eval_runtime_s": ev} if ev is not None else {}))
+        f.write_text(json.dumps(m))
+    write_run(runs, "rte", "moelora", 1, 0.6, status="interrupted")
+    assert analysis_main([str(runs), "--out", str(tmp_path / "o"), "--no-plots"]) == 0
+    md = (tmp_path / "o" / "tables" / "compute.md").read_text()
+    assert "| RTE | LoRA | 2 | 2 | 2.00 | 0.20 | 2.20 |" in md  # 1 h + 0.5 h x 2 processes; 0.1 + 0.05 x 2
+    assert "| RTE | TalkLoRA | 1 | 0 | 2.00 | 0.00 | 2.00 |" in md
+    assert "| **all** |  | 3 | 2 | 4.00 | 0.20 | 4.20 |" in md and "MoELoRA" not in md

@@ -250,6 +250,7 @@ def _run_locked(cfg: DictConfig, run_dir: Path, ident: dict, acc: Accelerator, m
         "report_evals": result.report_evals,
         "train_runtime_s": round(result.train_runtime_s, 3),
         "train_samples_per_s": round(result.train_samples / max(result.train_runtime_s, 1e-9), 3),
+        "eval_runtime_s": round(result.eval_runtime_s, 3),  # with train_runtime_s: the run's compute, over resumes
         "wall_time_s": round(time.time() - t_start, 3),
         "mixed_precision": mp,
         "eval_counts": getattr(task, "last_eval_counts", None),

@@ -89,6 +89,7 @@ class FitResult:
     predictions: list[dict] | None
     total_steps: int
     train_runtime_s: float
+    eval_runtime_s: float  # validation and dev-curve evaluations during training, and the final report
     train_samples: int
     report_evals: int  # how often the reported split was evaluated (test sets: exactly once)
 
@@ -272,7 +273,8 @@ class Trainer:
         ckpt_every = int(cfg.checkpoint_every) if cfg.get("checkpoint_every") else 0
         rec = self.hooks.routing
         pending_rng: dict[str, Any] | None = None
-        v: dict[str, Any] = dict(step=0, samples=0, epoch=0, batch_in_epoch=0, train_time=0.0, best_score=None, best_step=0,
+        v: dict[str, Any] = dict(step=0, samples=0, epoch=0, batch_in_epoch=0, train_time=0.0, eval_time=0.0,
+                                 best_score=None, best_step=0,
                                  best_val=None, best_eval=None, best_routing=None, best_snap=None, best_preds=None,
                                  last_eval=None, run_loss=0.0, n_micro=0, epoch_gen_state=None)  # fmt: skip
         if resume is not None:
@@ -354,7 +356,9 @@ class Trainer:
                         v["n_micro"] = 0
                     if step % self.eval_every == 0 or step == self.total_steps:
                         v["train_time"] += time.perf_counter() - t0
+                        t_eval = time.perf_counter()
                         self._eval_step(v, step)
+                        v["eval_time"] += time.perf_counter() - t_eval
                         if v["best_score"] is not None:
                             post["best"] = f"{v['best_score']:.4f}@{v['best_step']}"
                             pbar.set_postfix(post)
@@ -385,7 +389,7 @@ class Trainer:
 
     def _finish(self, v: dict[str, Any]) -> FitResult:
         """Restore the selected weights and evaluate the reported split with them (once, unless best_dev already did)."""
-        step = v["step"]
+        step, t_report = v["step"], time.perf_counter()
         selected = v["best_step"] if v["best_snap"] is not None else step  # metric undefined at every eval: the last
         if selected != step:
             self._restore(v["best_snap"])  # the saved adapter reproduces the reported metrics
@@ -409,12 +413,12 @@ class Trainer:
             "step": selected,
             "value": value,
         }
-        return FitResult(selection, report, v["best_val"], routing, preds, step, v["train_time"], v["samples"],
-                         self.report_evals)  # fmt: skip
+        return FitResult(selection, report, v["best_val"], routing, preds, step, v["train_time"],
+                         v["eval_time"] + time.perf_counter() - t_report, v["samples"], self.report_evals)  # fmt: skip
 
 
-LOOP_KEYS = ("step", "samples", "epoch", "batch_in_epoch", "train_time", "best_score", "best_step", "best_val", "best_eval",
-             "best_routing", "best_snap", "best_preds", "last_eval", "run_loss", "n_micro", "epoch_gen_state")  # fmt: skip
+LOOP_KEYS = ("step", "samples", "epoch", "batch_in_epoch", "train_time", "eval_time", "best_score", "best_step",
+             "best_val", "best_eval", "best_routing", "best_snap", "best_preds", "last_eval", "run_loss", "n_micro", "epoch_gen_state")  # fmt: skip
 
 
 class TrainingInterrupted(KeyboardInterrupt):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from .collect import collect
 from .plots import all_plots
-from .tables import GLUE_LABEL, GLUE_ORDER, Compare, failed_table, routing_table, score_table
+from .tables import GLUE_LABEL, GLUE_ORDER, Compare, compute_table, failed_table, routing_table, score_table
 
 CS_ORDER = ["boolq", "piqa", "social_i_qa", "hellaswag", "winogrande", "ARC-Easy", "ARC-Challenge", "openbookqa"]
 CS_LABEL = {"boolq": "BoolQ", "piqa": "PIQA", "social_i_qa": "SIQA", "hellaswag": "HellaS.", "winogrande": "WinoG.",
@@ -46,6 +46,10 @@ def main(argv: list[str] | None = None) -> int:
     if rt:
         rt.write(tables_dir, "routing")
         written.append("routing")
+    ct = compute_table(collect(args.dirs, one_config=False)[0])  # every completed run cost compute, grids included
+    if ct:
+        ct.write(tables_dir, "compute")
+        written.append("compute")
     tables_dir.mkdir(parents=True, exist_ok=True)
     (tables_dir / "left_out.md").write_text(failed_table(bad, args.out))
     figs = [] if args.no_plots else all_plots(runs, fig_dir)

@@ -249,6 +249,39 @@ def routing_table(runs: list[Run]) -> Table | None:
     return Table("Routing balance", ["Task", "Method", "Seeds"] + [c[1] for c in ROUTING_COLS], rows, note)
 
 
+def compute_table(runs: list[Run]) -> Table | None:
+    """Process-hours per task and method, summed over the runs found (training and, where recorded, the evaluations
+    during and after it; both add up over resumes). The reproduction's compute is read from the committed runs, not
+    from a wall clock somebody remembered."""
+    groups: dict[tuple[str, str], list[Run]] = defaultdict(list)
+    for r in runs:
+        if r.metrics.get("train_runtime_s") is not None:
+            groups[(r.metrics["task"], r.metrics["method"])].append(r)
+    if not groups:
+        return None
+
+    def hours(rs: list[Run], key: str) -> float:
+        return sum(float(r.metrics.get(key) or 0.0) * int(r.metrics.get("num_processes") or 1) for r in rs) / 3600
+
+    rows, all_runs = [], []
+    for task, method in sorted(groups, key=lambda k: (_order([k[0]], GLUE_ORDER)[0], METHOD_ORDER.index(k[1])
+                                                      if k[1] in METHOD_ORDER else 9, k[1])):  # fmt: skip
+        rs = groups[(task, method)]
+        all_runs += rs
+        rows.append(_compute_row(GLUE_LABEL.get(task, task), label(method), rs, hours))
+    rows.append(_compute_row("**all**", "", all_runs, hours))
+    note = ("Process-hours: seconds in the training loop (and in evaluation, where `eval_runtime_s` is recorded) times the "
+            "number of processes, summed over runs; model loading and start-up are not counted. 'eval recorded' counts "
+            "the runs whose evaluation time is known (runs made before it was recorded count training only).")  # fmt: skip
+    return Table("Compute", ["Task", "Method", "Runs", "eval recorded", "train h", "eval h", "total h"], rows, note)
+
+
+def _compute_row(task: str, method: str, rs: list[Run], hours) -> list[str]:
+    with_eval = sum(r.metrics.get("eval_runtime_s") is not None for r in rs)
+    train, ev = hours(rs, "train_runtime_s"), hours(rs, "eval_runtime_s")
+    return [task, method, str(len(rs)), str(with_eval), f"{train:.2f}", f"{ev:.2f}", f"{train + ev:.2f}"]
+
+
 def failed_table(bad: list[tuple[Path, str]], root: Path) -> str:
     lines = ["### Runs left out (not completed)", ""]
     if not bad:
