@@ -276,6 +276,8 @@ def _grid_run(root: Path, task: str, pair: str | None, lr: float, val: float, de
         "budget": {"name": "lora_r16"}, "main_metric": metric, "eval": {metric: dev}, "group_hash": f"{task}{pair}{lr}",
         "data": {"n_train": 10}, "num_processes": 1,   # 3 steps per epoch at batch 4
         "selection": {"protocol": "val_from_train", "split": "val", "metric": metric, "value": val, "step": step}}))  # fmt: skip
+    log = [{"step": s_, "val": {metric: v_}, "eval": {metric: dev}} for s_, v_ in ((step, val), (step + 1, val - 0.01))]
+    (d / "train_log.jsonl").write_text("".join(json.dumps(x) + "\n" for x in log))
 
 
 def test_choose_lr_picks_on_validation_across_grids_never_dev(tmp_path: Path):
@@ -299,6 +301,7 @@ def test_choose_lr_picks_on_validation_across_grids_never_dev(tmp_path: Path):
                    "rte": {"lr": 5e-4, "pair_encoding": "siamese", "epochs": 5}}  # ceil(2 x 2.33)  # fmt: skip
     md = (tmp_path / "out" / "choice.md").read_text()
     assert "| rte | siamese | 0.0005 | 0.6000 | 7 (2.33) | 5 | 0.5500 |" in md and "cross 0.001: 0.5400" in md
+    assert (tmp_path / "out" / "grid_curves.png").stat().st_size > 0  # every setting's curves, chosen one thick
 
 
 def test_compute_table_sums_process_hours_of_every_completed_run(tmp_path: Path):

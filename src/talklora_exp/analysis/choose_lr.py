@@ -75,10 +75,25 @@ def _epochs_at(step: int, metrics: dict, cfg: dict) -> float | None:
     return round(step / math.ceil(n / per_step), 2)
 
 
+def _plot(grids: list[Path], picked: dict[str, dict], out: Path) -> None:
+    from .plots import grid_curves
+
+    runs, _ = collect(grids, one_config=False)
+    runs = [r for r in runs if (r.metrics.get("selection") or {}).get("split") == "val"]
+    setting = {r.dir: _setting(json.loads((r.dir / "identity.json").read_text())["config"]) for r in runs}
+    chosen = {t: f"{c['pair_encoding']} lr {c['lr']:g}" for t, c in picked.items()}
+    grid_curves(runs, setting, chosen, out)
+
+
+def _setting(cfg: dict) -> str:
+    return f"{cfg.get('model.pair_encoding', 'cross')} lr {float(cfg['trainer.lr']):g}"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m talklora_exp.analysis.choose_lr", description=__doc__.split("\n\n")[0])
     ap.add_argument("grids", nargs="+", type=Path)
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--no-plots", action="store_true")
     args = ap.parse_args(sys.argv[1:] if argv is None else argv)
     missing = [str(g) for g in args.grids if not g.is_dir()]
     if missing:
@@ -107,8 +122,11 @@ def main(argv: list[str] | None = None) -> int:
         f"Table epochs: ceil({EPOCH_FACTOR:g} x epochs at the selected step), at least {MIN_EPOCHS}, at most the "
         "grid's epochs (room for methods slower than LoRA; the table still selects its step on validation).",
     ]
+    lines += ["", "Curves of every setting: grid_curves.png (validation chooses; dev is drawn, never used)."]
     text = "\n".join(lines) + "\n"
     out.mkdir(parents=True, exist_ok=True)
+    if not args.no_plots:
+        _plot(args.grids, picked, out)
     (out / "choice.md").write_text(text)
     choice = {t: {"lr": c["lr"], "pair_encoding": c["pair_encoding"], "epochs": c["epochs"]} for t, c in picked.items()}
     (out / "choice.json").write_text(json.dumps(choice, indent=2) + "\n")

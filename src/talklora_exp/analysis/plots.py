@@ -101,6 +101,37 @@ def learning_curves(runs: list[Run], out: Path) -> list[Path]:
     return _save(fig, out, "learning_curves")
 
 
+def grid_curves(runs: list[Run], setting: dict[Path, str], chosen: dict[str, str], out: Path) -> list[Path]:
+    """A hyper-parameter grid's runs (one seed each): per task, the validation score (which chooses) and the dev metric
+    (never used to choose) over steps, one line per setting; the chosen setting is drawn thick. It shows a reader
+    whether any setting learns, e.g. a task left at chance by every learning rate."""
+    rows = {"val": "validation (chooses)", "eval": "dev (not used)"}
+    tasks = _order({r.metrics["task"] for r in runs}, GLUE_ORDER)
+    if not tasks:
+        return []
+    plt = _plt()
+    fig, axes = plt.subplots(2, len(tasks), figsize=(3.0 * len(tasks), 5.0), squeeze=False)
+    for j, t in enumerate(tasks):
+        rs = sorted((r for r in runs if r.metrics["task"] == t), key=lambda r: setting[r.dir])
+        for k, r in enumerate(rs):
+            main, name = r.metrics.get("main_metric", ""), setting[r.dir]
+            for i, kind in enumerate(rows):
+                pts = [(int(x["step"]), x[kind][main]) for x in r.log
+                       if isinstance(x.get(kind), dict) and x[kind].get(main) is not None]  # fmt: skip
+                if pts:
+                    xs, ys = zip(*pts)
+                    thick = name == chosen.get(t)
+                    axes[i][j].plot(xs, ys, "-", color=PALETTE[k % len(PALETTE)], lw=2.2 if thick else 1.0,
+                                    label=name + (" (chosen)" if thick else ""))  # fmt: skip
+                axes[i][j].set_ylabel(f"{rows[kind]}: {main}", fontsize=7)
+        axes[0][j].set_title(_tlabel(t))
+        axes[1][j].set_xlabel("step")
+        if axes[0][j].get_legend_handles_labels()[0]:
+            axes[0][j].legend(fontsize=6)
+    fig.tight_layout()
+    return _save(fig, out, "grid_curves")
+
+
 def _layer_loads(runs: list[Run]) -> np.ndarray:
     """Mean over seeds of the per-layer expert load: layers x experts."""
     mats = [np.array([v["load"] for v in r.routing["layers"].values()]) for r in runs]
