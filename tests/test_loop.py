@@ -76,3 +76,35 @@ def test_grad_accum_matches_the_full_batch_and_routing_snapshots_once_per_step(g
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
     snaps = [r["step"] for r in logs["acc"] if "routing_train" in r]
     assert snaps == [2, 4, 6]  # one routing snapshot per optimizer step, not per micro-batch
+
+
+@pytest.mark.parametrize("task", ["rte", "stsb"])
+def test_one_pass_validation_equals_loss_pass_plus_metric_pass(task):
+    """GLUE validation reads the split once for its loss and its metrics; both must equal what the separate loss pass
+    (example_losses, exact mean) and metric pass (evaluate) give, bit for bit, so selection is unchanged."""
+    from accelerate import Accelerator
+    from omegaconf import OmegaConf
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from talklora_exp.tasks.glue import GlueTask
+
+    t = GlueTask(OmegaConf.create({"name": task, "main_metric": "accuracy" if task == "rte" else "pearson"}))
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                     num_labels=1 if t.is_regression else 2)  # fmt: skip
+    model = BertForSequenceClassification(cfg).eval()
+    batches = []
+    for n, length in ((5, 7), (4, 3), (3, 9)):
+        ids = torch.randint(1, 50, (n, length))
+        mask = torch.ones_like(ids)
+        mask[0, length // 2 :] = 0  # some padding
+        y = torch.rand(n) * 5 if t.is_regression else torch.randint(0, 2, (n,))
+        batches.append({"input_ids": ids, "attention_mask": mask, "labels": y})
+    acc = Accelerator(cpu=True)
+    losses = [t.example_losses(model, b)[0].double().sum() for b in batches]
+    expect = {
+        "loss": float(sum(losses, torch.zeros((), dtype=torch.float64)) / 12),
+        **t.evaluate(model, {"": batches}, acc),
+    }
+    got = t.evaluate(model, {"": batches}, acc, with_loss=True)
+    assert got == expect and list(got) == list(expect)

@@ -199,6 +199,11 @@ class Trainer:
         """Validation loss (exact mean over the split's supervised tokens / examples), plus the task's metrics on the
         validation split when they select."""
         self.model.eval()
+        if self.select_metric == "main" and getattr(self.task, "loss_with_metrics", False):
+            (dl,) = self.val_eval_dls.values()  # the validation split itself, in evaluate()'s format
+            out = self.task.evaluate(self.model, {"": dl}, self.acc, on_batch=self.hooks.set_batch, with_loss=True)
+            self.model.train()
+            return out
         tot = torch.zeros((), dtype=torch.float64, device=self.acc.device)
         cnt = torch.zeros((), dtype=torch.float64, device=self.acc.device)
         for batch in self.val_dl:

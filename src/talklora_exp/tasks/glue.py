@@ -238,30 +238,43 @@ class GlueTask(Task):
 
     def example_losses(self, model: Any, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Cross-entropy (classification) or squared error (STS-B) per example, weight 1 each."""
-        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits.float()
-        y = batch["labels"]
-        if self.is_regression:
-            loss = (logits.squeeze(-1) - y.float()) ** 2
-        else:
-            loss = torch.nn.functional.cross_entropy(logits, y, reduction="none")
+        loss = self._losses(model(**{k: v for k, v in batch.items() if k != "labels"}).logits, batch["labels"])
         return loss, torch.ones_like(loss)
 
+    def _losses(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        logits = logits.float()
+        if self.is_regression:
+            return (logits.squeeze(-1) - y.float()) ** 2
+        return torch.nn.functional.cross_entropy(logits, y, reduction="none")
+
+    # The validation loss and metrics come from one forward pass over the same split (validate() in the trainer would
+    # otherwise run it twice); the numbers are the same as example_losses' and evaluate()'s, bit for bit.
+    loss_with_metrics = True
+
     @torch.no_grad()
-    def evaluate(self, model: Any, loaders: dict[str, Any], accelerator: Any, on_batch: Any = None) -> dict[str, float]:
+    def evaluate(
+        self, model: Any, loaders: dict[str, Any], accelerator: Any, on_batch: Any = None, with_loss: bool = False
+    ) -> dict[str, float]:
+        """Metrics per split; `with_loss` adds `<prefix>loss`, the exact mean of example_losses over the split."""
         model.eval()
         out: dict[str, float] = {}
         self.last_eval_counts: dict[str, int] = {}
         for prefix, loader in loaders.items():
             preds, labels = [], []
+            tot = torch.zeros((), dtype=torch.float64, device=accelerator.device)
             for batch in loader:
                 if on_batch is not None:
                     on_batch(batch)
                 logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+                if with_loss:
+                    tot += accelerator.gather_for_metrics(self._losses(logits, batch["labels"])).double().sum()
                 p = logits.squeeze(-1).float() if self.is_regression else logits.argmax(-1)
                 p, y = accelerator.gather_for_metrics((p, batch["labels"]))
                 preds.append(p.cpu())
                 labels.append(y.cpu())
             p_all, y_all = torch.cat(preds).numpy(), torch.cat(labels).numpy()
             self.last_eval_counts[prefix or "dev"] = len(y_all)  # gathered across processes, duplicates dropped
+            if with_loss:
+                out[f"{prefix}loss"] = float(tot / max(len(y_all), 1))
             out.update(M.compute(self.metric_names, p_all, y_all, prefix))
         return out
