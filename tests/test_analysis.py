@@ -265,16 +265,16 @@ def test_unreadable_metrics_is_left_out_with_its_reason(runs: Path, tmp_path: Pa
 
 
 def _grid_run(root: Path, task: str, pair: str | None, lr: float, val: float, dev: float, metric: str = "accuracy",
-              step: int = 7, epochs: int = 10):  # fmt: skip
-    d = root / f"{task}-{pair}-{lr}"
+              step: int = 7, epochs: int = 10, cap: int | None = None, n_train: int = 10):  # fmt: skip
+    d = root / f"{task}-{pair}-{lr}-{epochs}-{cap}"
     d.mkdir(parents=True)
     cfg = {"trainer.lr": lr, "seed": 0, "trainer.batch_size": 4, "trainer.epochs": epochs,
-           **({"model.pair_encoding": pair} if pair else {})}  # fmt: skip
+           "trainer.max_train_samples": cap, **({"model.pair_encoding": pair} if pair else {})}  # fmt: skip
     (d / "identity.json").write_text(json.dumps({"config_hash": f"{task}{pair}{lr}", "config": cfg}))
     (d / "metrics.json").write_text(json.dumps({
         "status": "completed", "task": task, "task_family": "glue", "method": "lora", "model": "minilm",
         "budget": {"name": "lora_r16"}, "main_metric": metric, "eval": {metric: dev}, "group_hash": f"{task}{pair}{lr}",
-        "data": {"n_train": 10}, "num_processes": 1,   # 3 steps per epoch at batch 4
+        "data": {"n_train": n_train}, "num_processes": 1,   # 10: 3 steps per epoch at batch 4
         "selection": {"protocol": "val_from_train", "split": "val", "metric": metric, "value": val, "step": step}}))  # fmt: skip
     log = [{"step": s_, "val": {metric: v_}, "eval": {metric: dev}} for s_, v_ in ((step, val), (step + 1, val - 0.01))]
     (d / "train_log.jsonl").write_text("".join(json.dumps(x) + "\n" for x in log))
@@ -296,11 +296,12 @@ def test_choose_lr_picks_on_validation_across_grids_never_dev(tmp_path: Path):
     _grid_run(cross, "cola", None, 1e-3, val=0.40, dev=0.40, step=2, metric="mcc")  # 0.67 epochs: 2 x -> 2 < 3
     assert choose_main([str(cross), str(pairs), "--out", str(tmp_path / "out")]) == 0
     got = json.loads((tmp_path / "out" / "choice.json").read_text())
-    assert got == {"cola": {"lr": 1e-3, "pair_encoding": "cross", "epochs": 3},  # the floor
-                   "mrpc": {"lr": 2e-3, "pair_encoding": "cross", "epochs": 8},  # the grid's cap
-                   "rte": {"lr": 5e-4, "pair_encoding": "siamese", "epochs": 5}}  # ceil(2 x 2.33)  # fmt: skip
+    assert got == {"cola": {"lr": 1e-3, "pair_encoding": "cross", "epochs": 3, "train_cap": None},  # the floor
+                   "mrpc": {"lr": 2e-3, "pair_encoding": "cross", "epochs": 8, "train_cap": None},  # the grid's cap
+                   "rte": {"lr": 5e-4, "pair_encoding": "siamese", "epochs": 5, "train_cap": None}}  # ceil(2 x 2.33)  # fmt: skip
     md = (tmp_path / "out" / "choice.md").read_text()
-    assert "| rte | siamese | 0.0005 | 0.6000 | 7 (2.33) | 5 | 0.5500 |" in md and "cross 0.001: 0.5400" in md
+    assert "| rte | siamese | 0.0005 | all | 0.6000 | 7 (2.33 of 10) | 5 | 0.5500 |" in md
+    assert "cross lr 0.001 10ep: 0.5400" in md
     assert (tmp_path / "out" / "grid_curves.png").stat().st_size > 0  # every setting's curves, chosen one thick
 
 
@@ -322,3 +323,21 @@ def test_compute_table_sums_process_hours_of_every_completed_run(tmp_path: Path)
     assert "| RTE | LoRA | 2 | 2 | 2.00 | 0.20 | 2.20 |" in md  # 1 h + 0.5 h x 2 processes; 0.1 + 0.05 x 2
     assert "| RTE | TalkLoRA | 1 | 0 | 2.00 | 0.00 | 2.00 |" in md
     assert "| **all** |  | 3 | 2 | 4.00 | 0.20 | 4.20 |" in md and "MoELoRA" not in md
+
+
+def test_choose_lr_compares_schedules_and_a_tie_goes_to_the_cheaper(tmp_path: Path):
+    """A longer schedule or a larger train subsample is one more setting, chosen only on validation; on a tie the one
+    that costs fewer epochs x examples wins, and its train cap reaches choice.json."""
+    from talklora_exp.analysis.choose_lr import main as choose_main
+
+    short, long_ = tmp_path / "short", tmp_path / "long"
+    _grid_run(short, "sst2", None, 2e-3, val=0.86, dev=0.84, epochs=3, cap=8, n_train=8)
+    _grid_run(long_, "sst2", None, 2e-3, val=0.86, dev=0.90, epochs=3, cap=16, n_train=16)  # tie: costlier, loses
+    _grid_run(short, "cola", None, 2e-3, val=0.24, dev=0.30, epochs=5, step=14, n_train=10)
+    _grid_run(long_, "cola", None, 2e-3, val=0.30, dev=0.20, epochs=10, step=21, n_train=10)  # 7 epochs -> 10
+    assert choose_main([str(short), str(long_), "--out", str(tmp_path / "o"), "--no-plots"]) == 0
+    got = json.loads((tmp_path / "o" / "choice.json").read_text())
+    assert got == {"cola": {"lr": 2e-3, "pair_encoding": "cross", "epochs": 10, "train_cap": None},
+                   "sst2": {"lr": 2e-3, "pair_encoding": "cross", "epochs": 3, "train_cap": 8}}  # fmt: skip
+    md = (tmp_path / "o" / "choice.md").read_text()
+    assert "cross lr 0.002 5ep: 0.2400, cross lr 0.002 10ep: 0.3000" in md and "cap 16: 0.8600" in md

@@ -26,10 +26,11 @@ MIN_EPOCHS = 3
 
 
 def choose(grids: list[Path]) -> dict[str, dict]:
-    """{task: {lr, pair_encoding, val_score, selected_step, all: [every setting tried]}}; ties go to `cross`, then to
-    the smaller lr. A loss selects lower-is-better (its score is negated)."""
+    """{task: {lr, pair_encoding, train_cap, val_score, selected_step, epochs, all: [every setting tried]}}. A setting
+    is (pair encoding, lr, grid epochs, train cap); ties go to `cross`, then to the cheaper schedule (epochs x train
+    examples), then to the smaller lr. A loss selects lower-is-better (its score is negated)."""
     runs, _ = collect(grids, one_config=False)  # every lr of a cell: the grid compares configs
-    settings: dict[tuple[str, str, float], list[tuple[float, int, float | None, float | None]]] = defaultdict(list)
+    settings: dict[tuple, list[tuple[float, int, float | None, float | None, int]]] = defaultdict(list)
     for r in runs:
         sel = r.metrics.get("selection") or {}
         if sel.get("split") != "val" or sel.get("value") is None:
@@ -37,23 +38,32 @@ def choose(grids: list[Path]) -> dict[str, dict]:
         cfg = json.loads((r.dir / "identity.json").read_text())["config"]
         pair = str(cfg.get("model.pair_encoding", "cross"))  # absent: runs made before the key existed (cross)
         score = -sel["value"] if sel.get("metric") == "loss" else sel["value"]
-        settings[(r.metrics["task"], pair, float(cfg["trainer.lr"]))].append(
-            (score, sel["step"], r.main_value, _epochs_at(sel["step"], r.metrics, cfg), cfg.get("trainer.epochs"))
-        )
+        cap = cfg.get("trainer.max_train_samples")
+        key = (r.metrics["task"], pair, float(cfg["trainer.lr"]), cfg.get("trainer.epochs"), cap)
+        n_train = (r.metrics.get("data") or {}).get("n_train") or 0
+        settings[key].append((score, sel["step"], r.main_value, _epochs_at(sel["step"], r.metrics, cfg), n_train))
     by_task: dict[str, list[dict]] = defaultdict(list)
-    for (task, pair, lr), rows in settings.items():
-        by_task[task].append({"pair_encoding": pair, "lr": lr, "val_score": mean(x[0] for x in rows),
-                              "step": rows[0][1], "dev": mean(x[2] for x in rows) if all(x[2] is not None for x in rows)
-                              else None, "seeds": len(rows), "epochs_at_step": rows[0][3],
-                              "grid_epochs": rows[0][4]})  # fmt: skip
+    for (task, pair, lr, epochs, cap), rows in settings.items():
+        by_task[task].append({"pair_encoding": pair, "lr": lr, "grid_epochs": epochs, "train_cap": cap,
+                              "val_score": mean(x[0] for x in rows), "step": rows[0][1],
+                              "dev": mean(x[2] for x in rows) if all(x[2] is not None for x in rows) else None,
+                              "seeds": len(rows), "epochs_at_step": rows[0][3],
+                              "cost": (epochs or 0) * rows[0][4]})  # fmt: skip
     out = {}
     for task, rows in sorted(by_task.items()):
-        rows.sort(key=lambda a: (a["pair_encoding"], a["lr"]))
-        best = max(rows, key=lambda a: (a["val_score"], a["pair_encoding"] == "cross", -a["lr"]))
-        out[task] = {"lr": best["lr"], "pair_encoding": best["pair_encoding"], "val_score": best["val_score"],
-                     "selected_step": best["step"], "epochs_at_step": best["epochs_at_step"],
+        rows.sort(key=lambda a: (a["pair_encoding"], a["cost"], a["lr"]))
+        best = max(rows, key=lambda a: (a["val_score"], a["pair_encoding"] == "cross", -a["cost"], -a["lr"]))
+        out[task] = {"lr": best["lr"], "pair_encoding": best["pair_encoding"], "train_cap": best["train_cap"],
+                     "val_score": best["val_score"], "selected_step": best["step"],
+                     "epochs_at_step": best["epochs_at_step"], "grid_epochs": best["grid_epochs"],
                      "epochs": table_epochs(best["epochs_at_step"], best["grid_epochs"]), "all": rows}  # fmt: skip
     return out
+
+
+def _setting(a: dict) -> str:
+    """How a setting is named in choice.md and in the curves' legend."""
+    s = f"{a['pair_encoding']} lr {a['lr']:g} {a['grid_epochs']}ep"
+    return s + (f" cap {a['train_cap']}" if a.get("train_cap") else "")
 
 
 def table_epochs(epochs_at_step: float | None, grid_epochs: int | None) -> int | None:
@@ -80,13 +90,12 @@ def _plot(grids: list[Path], picked: dict[str, dict], out: Path) -> None:
 
     runs, _ = collect(grids, one_config=False)
     runs = [r for r in runs if (r.metrics.get("selection") or {}).get("split") == "val"]
-    setting = {r.dir: _setting(json.loads((r.dir / "identity.json").read_text())["config"]) for r in runs}
-    chosen = {t: f"{c['pair_encoding']} lr {c['lr']:g}" for t, c in picked.items()}
-    grid_curves(runs, setting, chosen, out)
-
-
-def _setting(cfg: dict) -> str:
-    return f"{cfg.get('model.pair_encoding', 'cross')} lr {float(cfg['trainer.lr']):g}"
+    setting = {}
+    for r in runs:
+        cfg = json.loads((r.dir / "identity.json").read_text())["config"]
+        setting[r.dir] = _setting({"pair_encoding": cfg.get("model.pair_encoding", "cross"), "lr": float(cfg["trainer.lr"]),
+                                   "grid_epochs": cfg.get("trainer.epochs"), "train_cap": cfg.get("trainer.max_train_samples")})  # fmt: skip
+    grid_curves(runs, setting, {t: _setting(c) for t, c in picked.items()}, out)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -107,16 +116,16 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or args.grids[0]
     lines = ["### Learning rate (and pair encoding) per task, chosen on the validation split held out of train", "",
              f"From: {', '.join(str(g) for g in args.grids)}", "",
-             "| Task | pair encoding | lr | val score | selected step (epochs) | table epochs | (dev there, not used) "
-             "| every setting: val score |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+             "| Task | pair encoding | lr | train cap | val score | selected step (epochs of grid's) | table epochs "
+             "| (dev there, not used) | every setting: val score |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for t, c in picked.items():
-        others = ", ".join(f"{a['pair_encoding']} {a['lr']:g}: {a['val_score']:.4f}" for a in c["all"])
-        dev = next(a["dev"] for a in c["all"] if a["lr"] == c["lr"] and a["pair_encoding"] == c["pair_encoding"])
-        dev_s = f"{dev:.4f}" if dev is not None else "-"
-        ep = f" ({c['epochs_at_step']:g})" if c.get("epochs_at_step") is not None else ""
+        others = ", ".join(f"{_setting(a)}: {a['val_score']:.4f}" for a in c["all"])
+        chosen = next(a for a in c["all"] if _setting(a) == _setting(c))
+        dev_s = f"{chosen['dev']:.4f}" if chosen["dev"] is not None else "-"
+        ep = f" ({c['epochs_at_step']:g} of {c['grid_epochs']})" if c.get("epochs_at_step") is not None else ""
         te = c["epochs"] if c.get("epochs") is not None else "-"
-        lines.append(f"| {t} | {c['pair_encoding']} | {c['lr']:g} | {c['val_score']:.4f} | {c['selected_step']}{ep} | "
-                     f"{te} | {dev_s} | {others} |")  # fmt: skip
+        lines.append(f"| {t} | {c['pair_encoding']} | {c['lr']:g} | {c['train_cap'] or 'all'} | {c['val_score']:.4f} | "
+                     f"{c['selected_step']}{ep} | {te} | {dev_s} | {others} |")  # fmt: skip
     lines += [
         "",
         f"Table epochs: ceil({EPOCH_FACTOR:g} x epochs at the selected step), at least {MIN_EPOCHS}, at most the "
@@ -128,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_plots:
         _plot(args.grids, picked, out)
     (out / "choice.md").write_text(text)
-    choice = {t: {"lr": c["lr"], "pair_encoding": c["pair_encoding"], "epochs": c["epochs"]} for t, c in picked.items()}
+    choice = {t: {"lr": c["lr"], "pair_encoding": c["pair_encoding"], "epochs": c["epochs"], "train_cap": c["train_cap"]}
+              for t, c in picked.items()}  # fmt: skip
     (out / "choice.json").write_text(json.dumps(choice, indent=2) + "\n")
     print(text, end="")
     return 0
