@@ -1,5 +1,6 @@
 """`python -m talklora_exp.analysis.choose_lr GRID_DIR [GRID_DIR ...] [--out DIR]`: the learning rate (and, for
-sentence pairs, the pair encoding) per task from grid sweeps, chosen on the validation split held out of train (each
+sentence pairs, the pair encoding; where a grid tried them, the epochs and train subsample) per task from grid sweeps,
+chosen on the validation split held out of train (each
 run's selected validation score, averaged over its seeds), never on dev. Prints a table and writes choice.md and
 choice.json (the values the table preset copies; `make tables` does not read them) into --out (default: the first
 grid dir).
