@@ -164,3 +164,22 @@ def test_fp16_on_cpu_is_refused():
     with pytest.raises(UserError, match="fp16 needs a CUDA GPU"):
         resolve_mixed_precision("fp16", cpu=True)
     assert resolve_mixed_precision("auto", cpu=True) == "no"
+
+
+def test_glue_table_uses_the_committed_grid_choice():
+    """The table's lr, pair encoding, epochs and SST-2 subsample are copied by hand from choose_lr's choice.json; once
+    that file is committed, every table task must compose to exactly it (a stale copy would train the table on a
+    setting the grid did not choose). Until then the preset must say its values are provisional."""
+    choice_file = ROOT / "results" / "repro" / "glue_lr_grid" / "choice.json"
+    preset = (CONF / "glue_table_choice.yaml").read_text()
+    if not choice_file.exists():
+        assert "PROVISIONAL" in preset
+        return
+    assert "PROVISIONAL" not in preset
+    choice = json.loads(choice_file.read_text())
+    assert set(choice) == {"cola", "sst2", "mrpc", "stsb", "rte"}
+    for task, c in choice.items():
+        cfg = compose_cfg(["experiment=glue_table", f"task=glue/{task}"])
+        got = {"lr": cfg.trainer.lr, "pair_encoding": cfg.model.pair_encoding, "epochs": cfg.trainer.epochs,
+               "train_cap": cfg.trainer.max_train_samples}  # fmt: skip
+        assert got == c, task
