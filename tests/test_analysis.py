@@ -170,6 +170,17 @@ def test_every_preset_grid_dry_runs(preset, capsys):
     assert len({tuple(r["overrides"]) for r in rows}) == expected
 
 
+def test_dry_run_memory_counts_both_rows_of_a_siamese_pair(capsys):
+    """Siamese encodes each sentence of a pair as its own row: twice the tokens per step of a cross pair."""
+    from talklora_exp.dryrun import dry_run
+
+    (cross,), _ = dry_run(["experiment=glue_lr_grid", "task=glue/rte", "trainer.lr=1e-3"])
+    (siamese,), _ = dry_run(["experiment=glue_pair_grid", "trainer.lr=1e-3"])
+    assert cross["memory"]["tokens_per_step"] == 32 * 128
+    assert siamese["memory"]["tokens_per_step"] == 2 * 32 * 128
+    assert siamese["memory"]["activations_gb"] == 2 * cross["memory"]["activations_gb"]
+
+
 def test_dry_run_keeps_hydra_syntax_intact():
     """glob() over nested task options, range(), and list values with commas expand exactly as -m runs them."""
     r = _dry("task=glob(glue/m*)", "method=lora", "seed=range(1,3)", "model.target_modules=[query,value]")

@@ -9,7 +9,8 @@
     logits       = T x V x 4 bytes x 2                               (fp32 logits and their gradient)
     total        = weights + adapters + activations + logits + 1 GiB (CUDA context, allocator slack)
 
-T = batch_size x sequence length (prompt + response cutoffs for generation, model.max_length for encoders), h the
+T = batch_size x rows x sequence length (prompt + response cutoffs for generation, model.max_length for encoders;
+rows = 2 for `model.pair_encoding=siamese`, which encodes each sentence of a pair as its own row, else 1), h the
 hidden size, h_kv the key/value width, i the MLP width, V the vocabulary (the classifier width for encoders), L the
 layers; bytes(act) = 2 under bf16/fp16 autocast or a half-precision base, else 4.
 """
@@ -42,7 +43,8 @@ def estimate_memory(cfg: Any, model: torch.nn.Module, adapter_params: int, task:
         if task.kind == "causal"
         else int(cfg.model.max_length)
     )
-    tokens = int(cfg.trainer.batch_size) * seq
+    rows = 2 if task.kind != "causal" and str(cfg.model.get("pair_encoding", "cross")) == "siamese" else 1
+    tokens = int(cfg.trainer.batch_size) * rows * seq
     wdtype = gpu_dtype(str(cfg.model.get("dtype", "auto")))
     wbytes = DTYPE_BYTES[wdtype]
     half = wbytes == 2 or str(cfg.trainer.mixed_precision) in ("auto", "bf16", "fp16")
