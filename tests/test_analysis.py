@@ -285,7 +285,7 @@ def _grid_run(root: Path, task: str, pair: str | None, lr: float, val: float, de
     (d / "metrics.json").write_text(json.dumps({
         "status": "completed", "task": task, "task_family": "glue", "method": "lora", "model": "minilm",
         "budget": {"name": "lora_r16"}, "main_metric": metric, "eval": {metric: dev}, "group_hash": f"{task}{pair}{lr}",
-        "data": {"n_train": n_train}, "num_processes": 1,   # 10: 3 steps per epoch at batch 4
+        "data": {"n_train": n_train}, "num_processes": 1, "train_runtime_s": 60,  # 10: 3 steps per epoch at batch 4
         "selection": {"protocol": "val_from_train", "split": "val", "metric": metric, "value": val, "step": step}}))  # fmt: skip
     log = [{"step": s_, "val": {metric: v_}, "eval": {metric: dev}} for s_, v_ in ((step, val), (step + 1, val - 0.01))]
     (d / "train_log.jsonl").write_text("".join(json.dumps(x) + "\n" for x in log))
@@ -352,3 +352,4 @@ def test_choose_lr_compares_schedules_and_a_tie_goes_to_the_cheaper(tmp_path: Pa
                    "sst2": {"lr": 2e-3, "pair_encoding": "cross", "epochs": 3, "train_cap": 8}}  # fmt: skip
     md = (tmp_path / "o" / "choice.md").read_text()
     assert "cross lr 0.002 5ep: 0.2400, cross lr 0.002 10ep: 0.3000" in md and "cap 16: 0.8600" in md
+    assert "### Compute of the grids" in md and "| **all** |  | 4 |" in md  # every grid run's compute is stated

@@ -21,6 +21,7 @@ from pathlib import Path
 from statistics import mean
 
 from .collect import collect
+from .tables import compute_table
 
 EPOCH_FACTOR = 2.0
 MIN_EPOCHS = 3
@@ -132,8 +133,9 @@ def main(argv: list[str] | None = None) -> int:
         f"Table epochs: ceil({EPOCH_FACTOR:g} x epochs at the selected step), at least {MIN_EPOCHS}, at most the "
         "grid's epochs (room for methods slower than LoRA; the table still selects its step on validation).",
     ]
-    lines += ["", "Curves of every setting: grid_curves.png (validation chooses; dev is drawn, never used)."]
-    text = "\n".join(lines) + "\n"
+    lines += ["", "Curves of every setting: grid_curves.png (validation chooses; dev is drawn, never used).", ""]
+    ct = compute_table(collect(args.grids, one_config=False)[0])
+    text = "\n".join(lines) + "\n" + (ct.markdown().replace("### Compute", "### Compute of the grids") if ct else "")
     out.mkdir(parents=True, exist_ok=True)
     if not args.no_plots:
         _plot(args.grids, picked, out)
