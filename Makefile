@@ -30,7 +30,7 @@ run: setup  ## the main job: TalkLoRA on SST-2 with the offline MiniLM
 	$(BIN)/python -m talklora_exp method=talklora task=glue/sst2 $(ARGS)
 
 test: setup
-	$(BIN)/python -m pytest tests $(ARGS)
+	$(BIN)/python -m pytest tests --durations=15 $(ARGS)
 
 test-fast: setup
 	$(BIN)/python -m pytest tests -m "not slow" $(ARGS)
