@@ -20,28 +20,25 @@ from collections import defaultdict
 from pathlib import Path
 from statistics import mean
 
-from .collect import collect
+from .collect import Run, collect
 from .tables import compute_table
 
 EPOCH_FACTOR = 2.0
 MIN_EPOCHS = 3
 
 
-def choose(grids: list[Path]) -> dict[str, dict]:
+def choose(runs: list[Run]) -> dict[str, dict]:
     """{task: {lr, pair_encoding, train_cap, val_score, selected_step, epochs, all: [every setting tried]}}. A setting
     is (pair encoding, lr, grid epochs, train cap); ties go to `cross`, then to the cheaper schedule (epochs x train
     examples), then to the smaller lr. A loss selects lower-is-better (its score is negated)."""
-    runs, _ = collect(grids, one_config=False)  # every lr of a cell: the grid compares configs
     settings: dict[tuple, list[tuple[float, int, float | None, float | None, int]]] = defaultdict(list)
     for r in runs:
         sel = r.metrics.get("selection") or {}
         if sel.get("split") != "val" or sel.get("value") is None:
             continue
         cfg = json.loads((r.dir / "identity.json").read_text())["config"]
-        pair = str(cfg.get("model.pair_encoding", "cross"))  # absent: runs made before the key existed (cross)
         score = -sel["value"] if sel.get("metric") == "loss" else sel["value"]
-        cap = cfg.get("trainer.max_train_samples")
-        key = (r.metrics["task"], pair, float(cfg["trainer.lr"]), cfg.get("trainer.epochs"), cap)
+        key = (r.metrics["task"], *_run_setting(cfg).values())
         n_train = (r.metrics.get("data") or {}).get("n_train") or 0
         settings[key].append((score, sel["step"], r.main_value, _epochs_at(sel["step"], r.metrics, cfg), n_train))
     by_task: dict[str, list[dict]] = defaultdict(list)
@@ -60,6 +57,13 @@ def choose(grids: list[Path]) -> dict[str, dict]:
                      "epochs_at_step": best["epochs_at_step"], "grid_epochs": best["grid_epochs"],
                      "epochs": table_epochs(best["epochs_at_step"], best["grid_epochs"]), "all": rows}  # fmt: skip
     return out
+
+
+def _run_setting(cfg: dict) -> dict:
+    """The grid setting a run's config belongs to (its identity.json "config"), in `_setting`'s keys and order."""
+    return {"pair_encoding": str(cfg.get("model.pair_encoding", "cross")),  # absent: runs made before the key (cross)
+            "lr": float(cfg["trainer.lr"]), "grid_epochs": cfg.get("trainer.epochs"),
+            "train_cap": cfg.get("trainer.max_train_samples")}  # fmt: skip
 
 
 def _setting(a: dict) -> str:
@@ -87,16 +91,11 @@ def _epochs_at(step: int, metrics: dict, cfg: dict) -> float | None:
     return round(step / math.ceil(n / per_step), 2)
 
 
-def _plot(grids: list[Path], picked: dict[str, dict], out: Path) -> None:
+def _plot(runs: list[Run], picked: dict[str, dict], out: Path) -> None:
     from .plots import grid_curves
 
-    runs, _ = collect(grids, one_config=False)
     runs = [r for r in runs if (r.metrics.get("selection") or {}).get("split") == "val"]
-    setting = {}
-    for r in runs:
-        cfg = json.loads((r.dir / "identity.json").read_text())["config"]
-        setting[r.dir] = _setting({"pair_encoding": cfg.get("model.pair_encoding", "cross"), "lr": float(cfg["trainer.lr"]),
-                                   "grid_epochs": cfg.get("trainer.epochs"), "train_cap": cfg.get("trainer.max_train_samples")})  # fmt: skip
+    setting = {r.dir: _setting(_run_setting(json.loads((r.dir / "identity.json").read_text())["config"])) for r in runs}
     grid_curves(runs, setting, {t: _setting(c) for t, c in picked.items()}, out)
 
 
@@ -110,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         print(f"error: not a directory: {', '.join(missing)}", file=sys.stderr)
         return 2
-    picked = choose(args.grids)
+    runs, _ = collect(args.grids, one_config=False)  # every lr of a cell: the grid compares configs
+    picked = choose(runs)
     if not picked:
         print(f"error: no completed run with a validation selection under {', '.join(map(str, args.grids))}",
               file=sys.stderr)  # fmt: skip
@@ -134,11 +134,13 @@ def main(argv: list[str] | None = None) -> int:
         "grid's epochs (room for methods slower than LoRA; the table still selects its step on validation).",
     ]
     lines += ["", "Curves of every setting: grid_curves.png (validation chooses; dev is drawn, never used).", ""]
-    ct = compute_table(collect(args.grids, one_config=False)[0])
-    text = "\n".join(lines) + "\n" + (ct.markdown().replace("### Compute", "### Compute of the grids") if ct else "")
+    ct = compute_table(runs)
+    if ct:
+        ct.title = "Compute of the grids"
+    text = "\n".join(lines) + "\n" + (ct.markdown() if ct else "")
     out.mkdir(parents=True, exist_ok=True)
     if not args.no_plots:
-        _plot(args.grids, picked, out)
+        _plot(runs, picked, out)
     (out / "choice.md").write_text(text)
     choice = {t: {"lr": c["lr"], "pair_encoding": c["pair_encoding"], "epochs": c["epochs"], "train_cap": c["train_cap"]}
               for t, c in picked.items()}  # fmt: skip
