@@ -356,3 +356,53 @@ def test_choose_lr_compares_schedules_and_a_tie_goes_to_the_cheaper(tmp_path: Pa
     md = (tmp_path / "o" / "choice.md").read_text()
     assert "cross lr 0.002 5ep: 0.2400, cross lr 0.002 10ep: 0.3000" in md and "cap 16: 0.8600" in md
     assert "### Compute of the grids" in md and "| **all** |  | 4 |" in md  # every grid run's compute is stated
+
+
+def test_trivial_predictor_row_and_line_from_the_runs_data(tmp_path: Path, monkeypatch):
+    """The majority-class reference comes from the split itself: train (10 rows) is 3/10 entailment, but the 4 rows
+    Random(58) holds out for validation (rows 5, 8, 3, 9) are 3/4 entailment, so validation's best constant scores
+    0.75 while dev (2/5 entailment) gives 0.60. CoLA's constant is MCC 0; STS-B (Pearson) gets none."""
+    from talklora_exp.analysis.collect import collect
+    from talklora_exp.analysis.plots import learning_curves
+    from talklora_exp.analysis.trivial import trivial_scores
+
+    monkeypatch.delenv("TALKLORA_DATA_DIR", raising=False)
+    rte = tmp_path / "data" / "glue" / "RTE"
+    rte.mkdir(parents=True)
+
+    def tsv(entailed: list[bool]) -> str:
+        labels = ["entailment" if e else "not_entailment" for e in entailed]
+        return "index\tsentence1\tsentence2\tlabel\n" + "".join(
+            f"{i}\ta {i}\tb {i}\t{x}\n" for i, x in enumerate(labels)
+        )
+
+    (rte / "train.tsv").write_text(tsv([i in (3, 5, 8) for i in range(10)]))
+    (rte / "dev.tsv").write_text(tsv([i < 2 for i in range(5)]))
+    root = tmp_path / "results"
+    for task in ("rte", "cola", "stsb"):
+        write_run(root, task, "lora", 1, 0.7)
+    d = root / "rte-lora-1-g1"
+    m = json.loads((d / "metrics.json").read_text())
+    (d / "metrics.json").write_text(json.dumps({**m, "data": {"source": str(rte), "n_train": 6, "n_val": 4}}))
+    (d / "identity.json").write_text(json.dumps({"config": {"task.val_size": 4, "task.val_seed": 58}}))
+    runs, _ = collect([root])
+    assert trivial_scores(runs) == {
+        ("rte", "eval"): 0.6,
+        ("rte", "val"): 0.75,
+        ("cola", "eval"): 0.0,
+        ("cola", "val"): 0.0,
+    }
+    assert analysis_main([str(root), "--out", str(tmp_path / "out"), "--no-plots"]) == 0
+    md = (tmp_path / "out" / "tables" / "glue.md").read_text()
+    assert "| _Majority class / constant_ | 0 | 0.00 | – | 60.00 | – |" in md  # CoLA, STS-B, RTE, Avg
+
+    import matplotlib.axes
+
+    drawn, orig = [], matplotlib.axes.Axes.axhline
+    monkeypatch.setattr(
+        matplotlib.axes.Axes,
+        "axhline",
+        lambda self, y, *a, **k: drawn.append((self.get_title(), y)) or orig(self, y, *a, **k),
+    )
+    learning_curves(runs, tmp_path / "figs", trivial_scores(runs))
+    assert sorted(y for _, y in drawn) == [0.0, 0.0, 0.6, 0.75]  # CoLA dev and val, RTE dev and val; none for STS-B

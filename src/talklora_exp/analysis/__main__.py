@@ -9,6 +9,7 @@ from pathlib import Path
 from .collect import collect
 from .plots import all_plots
 from .tables import GLUE_LABEL, GLUE_ORDER, Compare, compute_table, failed_table, routing_table, score_table
+from .trivial import trivial_scores
 
 CS_ORDER = ["boolq", "piqa", "social_i_qa", "hellaswag", "winogrande", "ARC-Easy", "ARC-Challenge", "openbookqa"]
 CS_LABEL = {"boolq": "BoolQ", "piqa": "PIQA", "social_i_qa": "SIQA", "hellaswag": "HellaS.", "winogrande": "WinoG.",
@@ -36,8 +37,10 @@ def main(argv: list[str] | None = None) -> int:
     runs, bad = collect(args.dirs)
     tables_dir, fig_dir = args.out / "tables", args.out / "figures"
     written = []
+    trivial = trivial_scores(runs)
+    dev_trivial = {task: v for (task, split), v in trivial.items() if split == "eval"}
     for family, order, labels, title, stem in FAMILIES:
-        res = score_table(runs, family, order, labels, title, cmp)
+        res = score_table(runs, family, order, labels, title, cmp, dev_trivial)
         if res:
             res[0].write(tables_dir, stem)
             res[1].write(tables_dir, f"{stem}_significance")
@@ -52,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         written.append("compute")
     tables_dir.mkdir(parents=True, exist_ok=True)
     (tables_dir / "left_out.md").write_text(failed_table(bad, args.out))
-    figs = [] if args.no_plots else all_plots(runs, fig_dir)
+    figs = [] if args.no_plots else all_plots(runs, fig_dir, trivial)
     print(
         f"{len(runs)} completed runs, {len(bad)} left out -> {tables_dir}/{{{','.join(written)}}}.{{md,tex,csv}}, {len(figs)} figure files"
     )

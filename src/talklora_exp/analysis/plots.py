@@ -61,9 +61,10 @@ def _curve(ax, series: dict[int, list[float]], m: str, ms: list[str]) -> None:
         ax.fill_between(steps, lo, hi, color=color(m, ms), alpha=0.18, lw=0)
 
 
-def learning_curves(runs: list[Run], out: Path) -> list[Path]:
+def learning_curves(runs: list[Run], out: Path, trivial: dict[tuple[str, str], float] | None = None) -> list[Path]:
     """Per task, the dev metric (when logged during training) and the validation score over optimizer steps; one
-    line per method, mean over seeds with a min-max band, so a reader can see whether each method converged."""
+    line per method, mean over seeds with a min-max band, so a reader can see whether each method converged; dashed,
+    the trivial predictor on that split (`trivial.py`), so a reader can see whether it learned at all."""
     rows = {"eval": "dev (reported split)", "val": "validation (selects)"}
     series: dict[tuple[str, str, str], dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
     ylabel: dict[tuple[str, str], str] = {}
@@ -93,10 +94,13 @@ def learning_curves(runs: list[Run], out: Path) -> list[Path]:
             for m in ms:
                 if (t, m, kind) in series:
                     _curve(ax, series[(t, m, kind)], m, ms)
+            if (t, kind) in (trivial or {}) and ylabel.get((t, kind), "").endswith(("accuracy", "correlation")):
+                ax.axhline(trivial[(t, kind)], color="0.45", ls="--", lw=0.9, label="majority class / constant")
             ax.set_title(_tlabel(t)) if i == 0 else None
             ax.set_xlabel("step") if i == len(kinds) - 1 else None
             ax.set_ylabel(ylabel.get((t, kind), kind), fontsize=7)
-    axes[0][0].legend(fontsize=7)
+    lines = {h.get_label(): h for ax in axes.flat for h in ax.get_lines() if not h.get_label().startswith("_")}
+    axes[0][0].legend(list(lines.values()), list(lines), fontsize=7)  # every method, and the dashed line if drawn
     fig.tight_layout()
     return _save(fig, out, "learning_curves")
 
@@ -258,6 +262,6 @@ def score_vs_params(runs: list[Run], out: Path) -> list[Path]:
     return _save(fig, out, "score_vs_params")
 
 
-def all_plots(runs: list[Run], out: Path) -> list[Path]:
-    fns = (learning_curves, expert_load_heatmap, routing_over_training, sensitivity_by_layer, score_vs_params)
-    return [p for fn in fns for p in fn(runs, out)]
+def all_plots(runs: list[Run], out: Path, trivial: dict[tuple[str, str], float] | None = None) -> list[Path]:
+    fns = (expert_load_heatmap, routing_over_training, sensitivity_by_layer, score_vs_params)
+    return learning_curves(runs, out, trivial) + [p for fn in fns for p in fn(runs, out)]
