@@ -36,7 +36,7 @@ def choose(runs: list[Run]) -> dict[str, dict]:
         sel = r.metrics.get("selection") or {}
         if sel.get("split") != "val" or sel.get("value") is None:
             continue
-        cfg = json.loads((r.dir / "identity.json").read_text())["config"]
+        cfg = r.config
         score = -sel["value"] if sel.get("metric") == "loss" else sel["value"]
         key = (r.metrics["task"], *_run_setting(cfg).values())
         n_train = (r.metrics.get("data") or {}).get("n_train") or 0
@@ -95,7 +95,7 @@ def _plot(runs: list[Run], picked: dict[str, dict], out: Path) -> None:
     from .plots import grid_curves
 
     runs = [r for r in runs if (r.metrics.get("selection") or {}).get("split") == "val"]
-    setting = {r.dir: _setting(_run_setting(json.loads((r.dir / "identity.json").read_text())["config"])) for r in runs}
+    setting = {r.dir: _setting(_run_setting(r.config)) for r in runs}
     grid_curves(runs, setting, {t: _setting(c) for t, c in picked.items()}, out)
 
 

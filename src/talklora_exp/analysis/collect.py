@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,12 @@ class Run:
             m.get("budget", {}).get("name", "?"),
             m.get("model", "?"),
         )
+
+    @cached_property
+    def config(self) -> dict[str, Any]:
+        """The run's flat resolved config (identity.json "config"), read once; {} for runs without one."""
+        p = self.dir / "identity.json"
+        return json.loads(p.read_text()).get("config", {}) if p.exists() else {}
 
     @property
     def main_value(self) -> float | None:

@@ -215,14 +215,15 @@ def score_table(
             rows.append([f"_{model}, budget {budget}_"] + [""] * (len(tasks) + 2))
     task_cols = _order({k[1] for k in groups}, order)
     header = ["Method", "Adapter params"] + [labels.get(t, t) for t in task_cols] + ["Avg"]
-    if any(t in (trivial or {}) for t in task_cols):
+    trivial = {t: trivial[t] for t in task_cols if t in (trivial or {})}
+    if trivial:
         rows.append(["_Majority class / constant_", "0"] + [f"{100 * trivial[t]:.2f}" if t in trivial else "–" for t in task_cols] + ["–"])  # fmt: skip
     fam_runs = [r for rs in groups.values() for r in rs.values()]
     note = (f"Main metric per task x100, mean ± std over seeds ({', '.join(f'{s[1]}/{s[0]}' for s in settings)}). "
             f"Reported split: {', '.join(sorted({r.metrics.get('report_split', 'dev') for r in fam_runs}))}; checkpoint "
             f"selection: {protocols(fam_runs)}. Bold: best mean. {cmp.legend()}."
             + (" Majority class / constant: the best constant prediction on dev (its most frequent label; MCC 0; "
-               "none for Pearson)." if any(t in (trivial or {}) for t in task_cols) else ""))  # fmt: skip
+               "none for Pearson)." if trivial else ""))  # fmt: skip
     sig = Table(
         f"{title}: significance (paired over seeds)",
         ["Model", "Budget", "Task", "Comparison", "Δ (x100)", "p (paired t)", "seeds"],

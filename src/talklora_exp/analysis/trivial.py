@@ -6,7 +6,6 @@ tables and figures leave it out. Pearson (STS-B) has no value for a constant pre
 
 from __future__ import annotations
 
-import json
 import os
 from collections import Counter
 
@@ -33,7 +32,8 @@ def trivial_scores(runs: list[Run]) -> dict[tuple[str, str], float]:
         spec = GLUE_SPECS[task]
         if metric != "accuracy" or spec.labels is None or list(spec.dev_files) != [""]:
             continue
-        cfg, source = _config(r), (m.get("data") or {}).get("source")
+        cfg, data = r.config, m.get("data") or {}
+        source = data.get("source")
         if not source:  # a run that did not record its data (hand-made, or older than the record): no guess
             continue
         try:  # the configured data dir first (a clone elsewhere); else the folder the run recorded (<data>/glue/<T>)
@@ -45,8 +45,8 @@ def trivial_scores(runs: list[Run]) -> dict[tuple[str, str], float]:
         if loaded is None:
             continue
         train, devs, _ = loaded
-        held = int(cfg.get("task.val_size") or 0) if (m.get("data") or {}).get("n_val") else 0  # as run.load_data
-        _, val = holdout(train, held, int(cfg.get("task.val_seed", 58))) if held else (train, [])
+        held = int(cfg.get("task.val_size") or 0) if data.get("n_val") else 0  # as run.load_data
+        val = holdout(train, held, int(cfg.get("task.val_seed", 58)))[1] if held else []
         cap = cfg.get("trainer.max_eval_samples")
         dev, val = (devs[""][: int(cap)], val[: int(cap)]) if cap else (devs[""], val)
         out[(task, "eval")] = _majority_rate(dev)
@@ -57,8 +57,3 @@ def trivial_scores(runs: list[Run]) -> dict[tuple[str, str], float]:
 
 def _majority_rate(examples: list) -> float:
     return max(Counter(e.label for e in examples).values()) / len(examples)
-
-
-def _config(r: Run) -> dict:
-    p = r.dir / "identity.json"
-    return json.loads(p.read_text()).get("config", {}) if p.exists() else {}
