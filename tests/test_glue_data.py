@@ -5,14 +5,14 @@ from conftest import compose_cfg, write_tsv
 
 from talklora_exp.errors import UserError
 from talklora_exp.tasks import build_task
-from talklora_exp.tasks.glue import GLUE_SPECS, _load_local, read_glue_tsv
+from talklora_exp.tasks.glue import GLUE_SPECS, load_local, read_glue_tsv
 
 ALL = ["cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "rte", "wnli"]
 
 
 @pytest.mark.parametrize("task", ALL)
 def test_loader_on_written_files(glue_dir: Path, task: str):
-    train, devs, source = _load_local(task, GLUE_SPECS[task], str(glue_dir))
+    train, devs, source = load_local(task, GLUE_SPECS[task], str(glue_dir))
     assert len(train) == 32 and source.endswith(GLUE_SPECS[task].dir)
     assert set(devs) == ({"matched_", "mismatched_"} if task == "mnli" else {""})
     assert all(len(v) == 16 for v in devs.values())
@@ -85,7 +85,7 @@ def test_partial_local_copy_is_reported(tmp_path: Path):
         [["0", "q", "s", "entailment"]],
     )
     with pytest.raises(UserError, match=r"lacks \['train.tsv'\]"):
-        _load_local("qnli", GLUE_SPECS["qnli"], str(tmp_path))
+        load_local("qnli", GLUE_SPECS["qnli"], str(tmp_path))
 
 
 # Row counts from ../shared/data/SOURCES.md (header excluded).
@@ -101,7 +101,7 @@ SHARED_COUNTS = {
 
 @pytest.mark.parametrize("task", sorted(SHARED_COUNTS))
 def test_real_shared_glue(shared_data: Path, task: str):
-    train, devs, _ = _load_local(task, GLUE_SPECS[task], str(shared_data))
+    train, devs, _ = load_local(task, GLUE_SPECS[task], str(shared_data))
     assert (len(train), len(devs[""])) == SHARED_COUNTS[task]
 
 

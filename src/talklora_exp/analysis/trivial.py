@@ -11,7 +11,7 @@ from collections import Counter
 
 from ..errors import UserError
 from ..tasks.base import holdout
-from ..tasks.glue import GLUE_SPECS, _load_local
+from ..tasks.glue import GLUE_SPECS, load_local
 from .collect import Run
 
 
@@ -37,7 +37,7 @@ def trivial_scores(runs: list[Run]) -> dict[tuple[str, str], float]:
         if not source:  # a run that did not record its data (hand-made, or older than the record): no guess
             continue
         try:  # the configured data dir first (a clone elsewhere); else the folder the run recorded (<data>/glue/<T>)
-            loaded = _load_local(task, spec, os.environ.get("TALKLORA_DATA_DIR")) or _load_local(
+            loaded = load_local(task, spec, os.environ.get("TALKLORA_DATA_DIR")) or load_local(
                 task, spec, os.path.dirname(os.path.dirname(source))
             )
         except UserError:

@@ -111,9 +111,11 @@ def read_glue_tsv(path: Path, spec: GlueSpec) -> list[Example]:
     return out
 
 
-def _load_local(
+def load_local(
     task: str, spec: GlueSpec, data_dir: str | None
 ) -> tuple[list[Example], dict[str, list[Example]], str] | None:
+    """(train, {dev prefix: dev}, folder) from the local TSVs under `data_dir`, or None where the task has no folder
+    there; public because the analysis reads the same splits (the trivial predictor) without building a Task."""
     root = find_local(data_dir, "glue", spec.dir)
     if root is None:
         return None
@@ -202,7 +204,7 @@ class GlueTask(Task):
         val_size: int = 0,
         val_seed: int = 58,
     ) -> TaskData:
-        loaded = _load_local(self.name, self.spec, data_dir) or _load_hub(self.name, self.spec, data_dir)
+        loaded = load_local(self.name, self.spec, data_dir) or _load_hub(self.name, self.spec, data_dir)
         train, devs, source = loaded
         train, val = holdout(train, val_size, val_seed)
         train = train[:max_train] if max_train else train
