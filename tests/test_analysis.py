@@ -231,6 +231,24 @@ def test_significantly_worse_is_marked_too(tmp_path: Path):
     assert "| 70.00 ± 1.00↓† |" in md and "| **81.00 ± 1.00** |" in md
 
 
+def test_a_cell_with_fewer_seeds_says_so(tmp_path: Path):
+    """A sweep still running (TalkLoRA's seed 3 missing): its mean is over 2 seeds and the cell says n=2; full cells
+    and tables without a short cell carry no mark."""
+    root = tmp_path / "r"
+    for s, v in enumerate([0.80, 0.81, 0.79], start=1):
+        write_run(root, "rte", "lora", s, v)
+    for s, v in enumerate([0.85, 0.87], start=1):  # paired with LoRA: p = 0.06, no mark
+        write_run(root, "rte", "talklora", s, v)
+    analysis_main([str(root), "--out", str(tmp_path / "o"), "--no-plots"])
+    md = (tmp_path / "o" / "tables" / "glue.md").read_text()
+    assert "| TalkLoRA | 154.4K | **86.00 ± 1.41** (n=2) | **86.00 ± 1.41** (n=2) |" in md
+    assert "| LoRA | 147.5K | 80.00 ± 1.00 | 80.00 ± 1.00 |" in md
+    assert "(n=k): mean over only k seeds" in md
+    write_run(root, "rte", "talklora", 3, 0.84)
+    analysis_main([str(root), "--out", str(tmp_path / "o2"), "--no-plots"])
+    assert "(n=" not in (tmp_path / "o2" / "tables" / "glue.md").read_text()
+
+
 def test_a_different_config_in_a_cell_is_left_out_not_averaged(runs: Path, tmp_path: Path):
     write_run(runs, "rte", "lora", 4, 0.10, group_hash="edited")  # e.g. the preset's lr was edited in between
     analysis_main([str(runs), "--out", str(tmp_path / "o"), "--no-plots"])

@@ -162,6 +162,7 @@ def score_table(
         return None
     settings = sorted({(k[3], k[4]) for k in groups})
     rows, sig_rows = [], []
+    short = False
     for budget, model in settings:
         tasks = _order({k[1] for k in groups if k[3:] == (budget, model)}, order)
         methods = _order({k[2] for k in groups if k[3:] == (budget, model)}, METHOD_ORDER)
@@ -174,6 +175,7 @@ def score_table(
             seeds = set.intersection(*(set(vals[(m, t)]) for t in tasks)) if tasks else set()
             avg[m] = {s: float(np.mean([vals[(m, t)][s] for t in tasks])) for s in seeds}
         best_avg = max((np.mean(list(a.values())) for a in avg.values() if a), default=None)
+        n_full = max((len(v) for v in [*vals.values(), *avg.values()]), default=0)
         for m in methods:
             params = sorted(
                 {
@@ -201,6 +203,9 @@ def score_table(
                             diff, pval, n = paired_test(v, ref)
                             if pval is not None and pval < ALPHA:
                                 c += cmp.mark(base) if diff > 0 else f"↓{cmp.mark(base)}"
+                if len(v) < n_full:  # a sweep still running, or a failed seed: a mean over fewer seeds says so
+                    c += f" (n={len(v)})"
+                    short = True
                 cells.append(c)
             rows.append(cells)
         for t in tasks + ["__avg"]:
@@ -222,6 +227,7 @@ def score_table(
     note = (f"Main metric per task x100, mean ± std over seeds ({', '.join(f'{s[1]}/{s[0]}' for s in settings)}). "
             f"Reported split: {', '.join(sorted({r.metrics.get('report_split', 'dev') for r in fam_runs}))}; checkpoint "
             f"selection: {protocols(fam_runs)}. Bold: best mean. {cmp.legend()}."
+            + (" (n=k): mean over only k seeds, fewer than the table's other cells." if short else "")
             + (" Majority class / constant: the best constant prediction on dev (its most frequent label; MCC 0; "
                "none for Pearson)." if trivial else ""))  # fmt: skip
     sig = Table(
