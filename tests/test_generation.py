@@ -257,6 +257,15 @@ def test_val_split_is_held_out_of_train_like_upstream(tmp_path: Path):
     assert not train_ids & {tuple(f["input_ids"]) for f in data.val.features}  # no validation example is trained on
 
 
+def test_caps_cut_after_the_holdout_so_val_never_depends_on_max_train():
+    """random.Random(58).shuffle(range(10)) = [2, 4, 7, 0, 1, 6, 5, 8, 3, 9]: val is its last 3, then capped at 2."""
+    from talklora_exp.tasks.base import split_and_cap
+
+    train, val, evals = split_and_cap(list(range(10)), {"": [100, 101, 102]}, 3, 58, 4, 2)
+    assert train == [2, 4, 7, 0] and val == [8, 3] and evals == {"": [100, 101]}
+    assert split_and_cap(list(range(10)), {}, 3, 58, None, None)[:2] == ([2, 4, 7, 0, 1, 6, 5], [8, 3, 9])
+
+
 def test_examples_without_supervised_tokens_are_dropped(tmp_path: Path):
     task = _task()
     root = make_cs_dir(tmp_path)

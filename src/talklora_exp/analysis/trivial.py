@@ -10,7 +10,7 @@ import os
 from collections import Counter
 
 from ..errors import UserError
-from ..tasks.base import holdout
+from ..tasks.base import split_and_cap
 from ..tasks.glue import GLUE_SPECS, load_local
 from .collect import Run
 
@@ -46,10 +46,11 @@ def trivial_scores(runs: list[Run]) -> dict[tuple[str, str], float]:
             continue
         train, devs, _ = loaded
         held = int(cfg.get("task.val_size") or 0) if data.get("n_val") else 0  # as run.load_data
-        val = holdout(train, held, int(cfg.get("task.val_seed", 58)))[1] if held else []
         cap = cfg.get("trainer.max_eval_samples")
-        dev, val = (devs[""][: int(cap)], val[: int(cap)]) if cap else (devs[""], val)
-        out[(task, "eval")] = _majority_rate(dev)
+        _, val, devs = split_and_cap(
+            train, devs, held, int(cfg.get("task.val_seed", 58)), None, int(cap) if cap else None
+        )
+        out[(task, "eval")] = _majority_rate(devs[""])
         if val:
             out[(task, "val")] = _majority_rate(val)
     return out

@@ -56,6 +56,23 @@ def holdout(items: list[T], val_size: int, seed: int) -> tuple[list[T], list[T]]
     return shuffled[:-val_size], shuffled[-val_size:]
 
 
+def split_and_cap(
+    train: list[T],
+    evals: dict[str, list[T]],
+    val_size: int,
+    val_seed: int,
+    max_train: int | None,
+    max_eval: int | None,
+) -> tuple[list[T], list[T], dict[str, list[T]]]:
+    """(train, val, evals) as every run sees them: `val_size` held out of train by `holdout`, then train capped at
+    `max_train` and val and each eval split at `max_eval`. One function, so the analysis (the trivial predictor) scores
+    exactly the examples a run scored."""
+    train, val = holdout(train, val_size, val_seed)
+    train = train[:max_train] if max_train else train
+    val = val[:max_eval] if max_eval else val
+    return train, val, {k: (v[:max_eval] if max_eval else v) for k, v in evals.items()}
+
+
 class Task:
     """Base class; subclasses set `kind` ("seq_cls" or "causal") and implement load() and evaluate()."""
 

@@ -16,7 +16,7 @@ import torch
 
 from ..data import describe_search, find_local, iter_lines
 from ..errors import UserError
-from .base import Split, Task, TaskData, holdout
+from .base import Split, Task, TaskData, split_and_cap
 
 IGNORE = -100
 
@@ -186,10 +186,7 @@ class GenerationTask(Task):
         val_seed: int = 58,
     ) -> TaskData:
         train, evals, info = self.records(data_dir)
-        train, val = holdout(train, val_size, val_seed)
-        train = train[:max_train] if max_train else train
-        val = val[:max_eval] if max_eval else val
-        evals = {k: (v[:max_eval] if max_eval else v) for k, v in evals.items()}
+        train, val, evals = split_and_cap(train, evals, val_size, val_seed, max_train, max_eval)
         feats = [self.encode_train(tokenizer, r) for r in train]
         # A response that tokenizes to nothing leaves no supervised token (all -100): its loss would be NaN.
         kept = [f for f in feats if any(t != IGNORE for t in f["labels"])]

@@ -14,7 +14,7 @@ import torch
 from ..data import describe_search, find_local, iter_lines
 from ..errors import UserError
 from . import metrics as M
-from .base import Split, Task, TaskData, holdout
+from .base import Split, Task, TaskData, split_and_cap
 
 
 @dataclass(frozen=True)
@@ -206,10 +206,7 @@ class GlueTask(Task):
     ) -> TaskData:
         loaded = load_local(self.name, self.spec, data_dir) or _load_hub(self.name, self.spec, data_dir)
         train, devs, source = loaded
-        train, val = holdout(train, val_size, val_seed)
-        train = train[:max_train] if max_train else train
-        val = val[:max_eval] if max_eval else val
-        devs = {k: (v[:max_eval] if max_eval else v) for k, v in devs.items()}
+        train, val, devs = split_and_cap(train, devs, val_size, val_seed, max_train, max_eval)
 
         def encode(exs: list[Example]) -> Split:
             if self.pair_encoding == "siamese":  # each sentence on its own: first-sentence fields, then "<field>_b"
