@@ -348,13 +348,14 @@ def test_compute_table_sums_process_hours_of_every_completed_run(tmp_path: Path)
         f = runs / f"{task}-{method}-{seed}-{g}" / "metrics.json"
         m = json.loads(f.read_text())
         m.update(train_runtime_s=train, num_processes=procs, **({"eval_runtime_s": ev} if ev is not None else {}))
+        m.update(resumed_from_step=200 if g == "g2" else None)  # g2 was continued from its step-200 checkpoint
         f.write_text(json.dumps(m))
     write_run(runs, "rte", "moelora", 1, 0.6, status="interrupted")
     assert analysis_main([str(runs), "--out", str(tmp_path / "o"), "--no-plots"]) == 0
     md = (tmp_path / "o" / "tables" / "compute.md").read_text()
-    assert "| RTE | LoRA | 2 | 2 | 2.00 | 0.20 | 2.20 |" in md  # 1 h + 0.5 h x 2 processes; 0.1 + 0.05 x 2
-    assert "| RTE | TalkLoRA | 1 | 0 | 2.00 | 0.00 | 2.00 |" in md
-    assert "| **all** |  | 3 | 2 | 4.00 | 0.20 | 4.20 |" in md and "MoELoRA" not in md
+    assert "| RTE | LoRA | 2 | 2 | 1 | 2.00 | 0.20 | 2.20 |" in md  # 1 h + 0.5 h x 2 processes; 0.1 + 0.05 x 2
+    assert "| RTE | TalkLoRA | 1 | 0 | 0 | 2.00 | 0.00 | 2.00 |" in md
+    assert "| **all** |  | 3 | 2 | 1 | 4.00 | 0.20 | 4.20 |" in md and "MoELoRA" not in md
 
 
 def test_choose_lr_compares_schedules_and_a_tie_goes_to_the_cheaper(tmp_path: Path):

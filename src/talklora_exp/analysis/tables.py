@@ -290,14 +290,18 @@ def compute_table(runs: list[Run]) -> Table | None:
     rows.append(_compute_row("**all**", "", all_runs, hours))
     note = ("Process-hours: seconds in the training loop (and in evaluation, where `eval_runtime_s` is recorded) times the "
             "number of processes, summed over runs; model loading and start-up are not counted. 'eval recorded' counts "
-            "the runs whose evaluation time is known (runs made before it was recorded count training only).")  # fmt: skip
-    return Table("Compute", ["Task", "Method", "Runs", "eval recorded", "train h", "eval h", "total h"], rows, note)
+            "the runs whose evaluation time is known (runs made before it was recorded count training only). 'resumed' "
+            "counts the runs continued from a checkpoint after an interruption: their time counts the steps kept, not "
+            "those lost and redone, and a run paused or sharing its cores shows a longer time than its work needed.")  # fmt: skip
+    header = ["Task", "Method", "Runs", "eval recorded", "resumed", "train h", "eval h", "total h"]
+    return Table("Compute", header, rows, note)
 
 
 def _compute_row(task: str, method: str, rs: list[Run], hours) -> list[str]:
     with_eval = sum(r.metrics.get("eval_runtime_s") is not None for r in rs)
+    resumed = sum(bool(r.metrics.get("resumed_from_step")) for r in rs)
     train, ev = hours(rs, "train_runtime_s"), hours(rs, "eval_runtime_s")
-    return [task, method, str(len(rs)), str(with_eval), f"{train:.2f}", f"{ev:.2f}", f"{train + ev:.2f}"]
+    return [task, method, str(len(rs)), str(with_eval), str(resumed), f"{train:.2f}", f"{ev:.2f}", f"{train + ev:.2f}"]
 
 
 def failed_table(bad: list[tuple[Path, str]], root: Path) -> str:
