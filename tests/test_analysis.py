@@ -112,6 +112,38 @@ def test_routing_over_training_reads_train_snapshots_and_evals(runs: Path):
     assert ent and ent[0][1] == pytest.approx([0.7, 0.9])
 
 
+def test_loss_curves_average_training_loss_per_validation_window(tmp_path: Path, monkeypatch):
+    """Training loss is drawn at each validation step as the mean of the steps logged since the previous one:
+    seed 1 logs 1.0, 0.8 before validation at step 2 and 0.6, 0.4 before step 4 -> (0.9, 0.5); seed 2 logs 0.8, 0.6
+    and 0.4, 0.2 -> (0.7, 0.3); mean over seeds (0.8, 0.4). Validation loss: (0.7, 0.9) and (0.5, 0.7) -> (0.6, 0.8)."""
+    import matplotlib.axes
+
+    from talklora_exp.analysis.collect import collect
+    from talklora_exp.analysis.plots import loss_curves
+
+    root = tmp_path / "results"
+    for seed, (tr, va) in {1: ([1.0, 0.8, 0.6, 0.4], [0.7, 0.9]), 2: ([0.8, 0.6, 0.4, 0.2], [0.5, 0.7])}.items():
+        write_run(root, "rte", "lora", seed, 0.6)
+        log = [{"step": 1, "loss": tr[0], "lr": 1e-3}, {"step": 2, "loss": tr[1], "lr": 1e-3},
+               {"step": 2, "val": {"loss": va[0], "accuracy": 0.5}},
+               {"step": 3, "loss": tr[2], "lr": 1e-3}, {"step": 4, "loss": tr[3], "lr": 1e-3},
+               {"step": 4, "val": {"loss": va[1], "accuracy": 0.6}}, {"step": 4, "report": {"accuracy": 0.6}}]  # fmt: skip
+        (root / f"rte-lora-{seed}-g1" / "train_log.jsonl").write_text("".join(json.dumps(x) + "\n" for x in log))
+    got: dict[int, list] = {}
+    orig = matplotlib.axes.Axes.plot
+
+    def plot(self, x, y, *a, **k):
+        got.setdefault(id(self), []).append((list(x), list(y)))
+        return orig(self, x, y, *a, **k)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", plot)
+    runs, _ = collect([root])
+    assert [p.name for p in loss_curves(runs, tmp_path / "figs")] == ["loss_curves.png", "loss_curves.pdf"]
+    (train,), (val,) = got.values()  # one line per axes: training loss above, validation loss below
+    assert train[0] == [2, 4] and train[1] == pytest.approx([0.8, 0.4])
+    assert val[0] == [2, 4] and val[1] == pytest.approx([0.6, 0.8])
+
+
 def test_tables_regenerate_byte_for_byte(runs: Path, tmp_path: Path):
     analysis_main([str(runs), "--out", str(tmp_path / "a")])
     analysis_main([str(runs), "--out", str(tmp_path / "b")])
@@ -121,7 +153,7 @@ def test_tables_regenerate_byte_for_byte(runs: Path, tmp_path: Path):
         if f.suffix != ".pdf":
             assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
     assert {f.name for f in fa} >= {"expert_load_heatmap.png", "expert_load_heatmap.pdf", "sensitivity_by_layer.png", "score_vs_params.png",
-                                    "routing_over_training.png", "learning_curves.png"}  # fmt: skip
+                                    "routing_over_training.png", "learning_curves.png", "loss_curves.png"}  # fmt: skip
 
 
 def test_paired_test_hand_computed():
@@ -278,6 +310,7 @@ def test_any_method_appears_in_every_table_and_figure(runs: Path, tmp_path: Path
     assert "| RTE | toylora | 3 |" in (out / "tables" / "routing.md").read_text()
     figs = {
         "learning_curves",
+        "loss_curves",
         "expert_load_heatmap",
         "routing_over_training",
         "sensitivity_by_layer",

@@ -1,4 +1,4 @@
-"""Figures (PNG + PDF): learning curves, expert-load heatmaps, routing balance over training, sensitivity by layer,
+"""Figures (PNG + PDF): learning and loss curves, expert-load heatmaps, routing balance over training, sensitivity by layer,
 score vs params. Every method found in the runs gets a line and a colour (known ones fixed, others from a palette)."""
 
 from __future__ import annotations
@@ -47,7 +47,9 @@ def _save(fig, out: Path, stem: str) -> list[Path]:
     paths = [out / f"{stem}.png", out / f"{stem}.pdf"]
     fig.savefig(paths[0], bbox_inches="tight", metadata={"Software": None})
     fig.savefig(paths[1], bbox_inches="tight", metadata={"CreationDate": None, "Producer": None, "Creator": None})
-    fig.clf()
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)  # pyplot keeps every figure open until closed: a whole table's figures would pile up
     return paths
 
 
@@ -103,6 +105,45 @@ def learning_curves(runs: list[Run], out: Path, trivial: dict[tuple[str, str], f
     axes[0][0].legend(list(lines.values()), list(lines), fontsize=7)  # every method, and the dashed line if drawn
     fig.tight_layout()
     return _save(fig, out, "learning_curves")
+
+
+def loss_curves(runs: list[Run], out: Path) -> list[Path]:
+    """Per task, the training loss (mean of the steps logged since the previous validation) and the validation loss,
+    at each validation step; one line per method, mean over seeds with a min-max band. Side by side they show
+    overfitting that the metric curves hide: training loss falling while validation loss rises (RTE here)."""
+    rows = {"train": "training loss (mean since last validation)", "val": "validation loss"}
+    series: dict[tuple[str, str, str], dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for r in runs:
+        t, m, window = r.metrics["task"], r.metrics["method"], []
+        for rec in r.log:
+            if isinstance(rec.get("loss"), (int, float)):
+                window.append(rec["loss"])
+            val = rec.get("val")
+            if isinstance(val, dict) and isinstance(val.get("loss"), (int, float)):
+                step = int(rec["step"])
+                series[(t, m, "val")][step].append(val["loss"])
+                if window:
+                    series[(t, m, "train")][step].append(float(np.mean(window)))
+                window = []
+    if not series:
+        return []
+    tasks = _order({k[0] for k in series}, GLUE_ORDER)
+    ms = methods_of(runs)
+    plt = _plt()
+    fig, axes = plt.subplots(len(rows), len(tasks), figsize=(3.0 * len(tasks), 2.5 * len(rows)), squeeze=False)
+    for j, t in enumerate(tasks):
+        for i, kind in enumerate(rows):
+            ax = axes[i][j]
+            for m in ms:
+                if (t, m, kind) in series:
+                    _curve(ax, series[(t, m, kind)], m, ms)
+            ax.set_title(_tlabel(t)) if i == 0 else None
+            ax.set_xlabel("step") if i == len(rows) - 1 else None
+            ax.set_ylabel(rows[kind], fontsize=7)
+    lines = {h.get_label(): h for ax in axes.flat for h in ax.get_lines() if not h.get_label().startswith("_")}
+    axes[0][0].legend(list(lines.values()), list(lines), fontsize=7)
+    fig.tight_layout()
+    return _save(fig, out, "loss_curves")
 
 
 def grid_curves(runs: list[Run], setting: dict[Path, str], chosen: dict[str, str], out: Path) -> list[Path]:
@@ -264,4 +305,4 @@ def score_vs_params(runs: list[Run], out: Path) -> list[Path]:
 
 def all_plots(runs: list[Run], out: Path, trivial: dict[tuple[str, str], float] | None = None) -> list[Path]:
     fns = (expert_load_heatmap, routing_over_training, sensitivity_by_layer, score_vs_params)
-    return learning_curves(runs, out, trivial) + [p for fn in fns for p in fn(runs, out)]
+    return learning_curves(runs, out, trivial) + loss_curves(runs, out) + [p for fn in fns for p in fn(runs, out)]
