@@ -183,3 +183,27 @@ def test_glue_table_uses_the_committed_grid_choice():
         got = {"lr": cfg.trainer.lr, "pair_encoding": cfg.model.pair_encoding, "epochs": cfg.trainer.epochs,
                "train_cap": cfg.trainer.max_train_samples}  # fmt: skip
         assert got == c, task
+
+
+def test_readme_results_match_the_committed_tables():
+    """The README's GLUE table rows are copied from results/tables/glue.md (made by `make tables` from the committed
+    runs), and its compute totals from compute.md and the grids' choice.md; a re-run of make tables that changes a
+    number must fail here until the README says the same."""
+    tables = ROOT / "results" / "tables"
+    if not (tables / "glue.md").exists():
+        pytest.skip("no committed tables yet")
+    readme = (ROOT / "README.md").read_text()
+    rows = [ln for ln in (tables / "glue.md").read_text().splitlines() if ln.startswith(("| LoRA |", "| MoELoRA |", "| TalkLoRA |"))]  # fmt: skip
+    assert len(rows) == 3
+    for row in rows:
+        assert row in readme, row
+    total = re.search(
+        r"\| \*\*all\*\* \|  \| (\d+) \| \d+ \| \d+ \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \|",
+        (tables / "compute.md").read_text(),
+    )
+    grids = re.search(r"\| \*\*all\*\* \|  \| (\d+) \| \d+ \| \d+ \| [\d.]+ \| [\d.]+ \| ([\d.]+) \|",
+                      (ROOT / "results" / "repro" / "glue_lr_grid" / "choice.md").read_text())  # fmt: skip
+    assert total and grids
+    assert f"| table (step 5) | {total[1]} | {total[4]} ({total[2]} training, {total[3]} evaluation) |" in readme
+    assert f"| grids (steps 1–3) | {grids[1]} | {grids[2]} " in readme
+    assert f"**{float(total[4]) + float(grids[2]):.1f}**" in readme
