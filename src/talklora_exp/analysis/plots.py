@@ -63,6 +63,37 @@ def _curve(ax, series: dict[int, list[float]], m: str, ms: list[str]) -> None:
         ax.fill_between(steps, lo, hi, color=color(m, ms), alpha=0.18, lw=0)
 
 
+def _curve_grid(
+    series: dict[tuple[str, str, str], dict[int, list[float]]],
+    kinds: list[str],
+    ms: list[str],
+    ylabel: dict[tuple[str, str], str],
+    hlines: dict[tuple[str, str], float],
+    out: Path,
+    stem: str,
+) -> list[Path]:
+    """One column per task, one row per kind of curve, one line per method (`_curve`), a dashed reference where
+    `hlines` has one; the shared layout of the learning and loss curves."""
+    tasks = _order({k[0] for k in series}, GLUE_ORDER)
+    plt = _plt()
+    fig, axes = plt.subplots(len(kinds), len(tasks), figsize=(3.0 * len(tasks), 2.5 * len(kinds)), squeeze=False)
+    for j, t in enumerate(tasks):
+        for i, kind in enumerate(kinds):
+            ax = axes[i][j]
+            for m in ms:
+                if (t, m, kind) in series:
+                    _curve(ax, series[(t, m, kind)], m, ms)
+            if (t, kind) in hlines:
+                ax.axhline(hlines[(t, kind)], color="0.45", ls="--", lw=0.9, label="majority class / constant")
+            ax.set_title(_tlabel(t)) if i == 0 else None
+            ax.set_xlabel("step") if i == len(kinds) - 1 else None
+            ax.set_ylabel(ylabel.get((t, kind), kind), fontsize=7)
+    lines = {h.get_label(): h for ax in axes.flat for h in ax.get_lines() if not h.get_label().startswith("_")}
+    axes[0][0].legend(list(lines.values()), list(lines), fontsize=7)  # every method, and the dashed line if drawn
+    fig.tight_layout()
+    return _save(fig, out, stem)
+
+
 def learning_curves(runs: list[Run], out: Path, trivial: dict[tuple[str, str], float] | None = None) -> list[Path]:
     """Per task, the dev metric (when logged during training) and the validation score over optimizer steps; one
     line per method, mean over seeds with a min-max band, so a reader can see whether each method converged; dashed,
@@ -85,26 +116,11 @@ def learning_curves(runs: list[Run], out: Path, trivial: dict[tuple[str, str], f
                 ylabel[(r.metrics["task"], kind)] = f"{rows[kind]}: {metric}"
     if not series:
         return []
-    tasks = _order({k[0] for k in series}, GLUE_ORDER)
     kinds = [k for k in rows if any(s[2] == k for s in series)]
-    ms = methods_of(runs)
-    plt = _plt()
-    fig, axes = plt.subplots(len(kinds), len(tasks), figsize=(3.0 * len(tasks), 2.5 * len(kinds)), squeeze=False)
-    for j, t in enumerate(tasks):
-        for i, kind in enumerate(kinds):
-            ax = axes[i][j]
-            for m in ms:
-                if (t, m, kind) in series:
-                    _curve(ax, series[(t, m, kind)], m, ms)
-            if (t, kind) in (trivial or {}) and ylabel.get((t, kind), "").endswith(("accuracy", "correlation")):
-                ax.axhline(trivial[(t, kind)], color="0.45", ls="--", lw=0.9, label="majority class / constant")
-            ax.set_title(_tlabel(t)) if i == 0 else None
-            ax.set_xlabel("step") if i == len(kinds) - 1 else None
-            ax.set_ylabel(ylabel.get((t, kind), kind), fontsize=7)
-    lines = {h.get_label(): h for ax in axes.flat for h in ax.get_lines() if not h.get_label().startswith("_")}
-    axes[0][0].legend(list(lines.values()), list(lines), fontsize=7)  # every method, and the dashed line if drawn
-    fig.tight_layout()
-    return _save(fig, out, "learning_curves")
+    hlines = {
+        tk: v for tk, v in (trivial or {}).items() if ylabel.get(tk, "").endswith(("accuracy", "correlation"))
+    }  # a constant's score means something for accuracy and correlation, not for a loss
+    return _curve_grid(series, kinds, methods_of(runs), ylabel, hlines, out, "learning_curves")
 
 
 def loss_curves(runs: list[Run], out: Path) -> list[Path]:
@@ -127,23 +143,9 @@ def loss_curves(runs: list[Run], out: Path) -> list[Path]:
                 window = []
     if not series:
         return []
-    tasks = _order({k[0] for k in series}, GLUE_ORDER)
-    ms = methods_of(runs)
-    plt = _plt()
-    fig, axes = plt.subplots(len(rows), len(tasks), figsize=(3.0 * len(tasks), 2.5 * len(rows)), squeeze=False)
-    for j, t in enumerate(tasks):
-        for i, kind in enumerate(rows):
-            ax = axes[i][j]
-            for m in ms:
-                if (t, m, kind) in series:
-                    _curve(ax, series[(t, m, kind)], m, ms)
-            ax.set_title(_tlabel(t)) if i == 0 else None
-            ax.set_xlabel("step") if i == len(rows) - 1 else None
-            ax.set_ylabel(rows[kind], fontsize=7)
-    lines = {h.get_label(): h for ax in axes.flat for h in ax.get_lines() if not h.get_label().startswith("_")}
-    axes[0][0].legend(list(lines.values()), list(lines), fontsize=7)
-    fig.tight_layout()
-    return _save(fig, out, "loss_curves")
+    tasks = {k[0] for k in series}
+    ylabel = {(t, kind): text for t in tasks for kind, text in rows.items()}
+    return _curve_grid(series, list(rows), methods_of(runs), ylabel, {}, out, "loss_curves")
 
 
 def grid_curves(runs: list[Run], setting: dict[Path, str], chosen: dict[str, str], out: Path) -> list[Path]:
