@@ -1,5 +1,6 @@
-"""Figures (PNG + PDF): learning and loss curves, expert-load heatmaps, routing balance over training, sensitivity by layer,
-score vs params. Every method found in the runs gets a line and a colour (known ones fixed, others from a palette)."""
+"""Figures (PNG + PDF): learning and loss curves, expert-load heatmaps, routing balance over training, sensitivity by
+layer, score vs params. Every method found in the runs gets a line and a colour (known ones fixed, others from a
+palette)."""
 
 from __future__ import annotations
 
