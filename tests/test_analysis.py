@@ -82,6 +82,22 @@ def test_glue_table_means_bold_and_significance(runs: Path, tmp_path: Path):
     assert "| minilm | lora_r16 | RTE | TalkLoRA − LoRA | +5.00 |" in sig
 
 
+def test_third_baseline_mark_reaches_latex_and_the_legend_keys_only_rows_present(runs: Path, tmp_path: Path):
+    """`make tables` compares TalkLoRA with five baselines in results/baselines: TeamLoRA is the third (§), and a
+    baseline with no runs yet (HiRA, DoRA while their sweep lands) gets no key in the note."""
+    for s, v in enumerate([0.70, 0.71, 0.69], start=1):
+        write_run(runs, "rte", "teamlora", s, v, params=129216)
+        write_run(runs, "cola", "teamlora", s, v - 0.3, params=129216)
+    out = tmp_path / "out"
+    argv = [str(runs), "--out", str(out), "--no-plots", "--baselines", "lora,moelora,teamlora,hira,dora"]
+    assert analysis_main(argv) == 0
+    md = (out / "tables" / "glue.md").read_text()
+    assert "| **85.00 ± 1.00**†‡§ |" in md  # TalkLoRA's RTE: better than LoRA, MoELoRA and TeamLoRA
+    assert "§ TeamLoRA: TalkLoRA significantly better" in md and "HiRA" not in md and "DoRA" not in md
+    tex = (out / "tables" / "glue.tex").read_text()
+    assert r"\textbf{85.00 $\pm$ 1.00}$^\dagger$$^\ddagger$$^\S$" in tex and "§" not in tex
+
+
 def test_routing_over_training_reads_train_snapshots_and_evals(runs: Path):
     from talklora_exp.analysis.collect import collect
     from talklora_exp.analysis.plots import routing_over_training

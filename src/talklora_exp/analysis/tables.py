@@ -20,6 +20,8 @@ METHOD_ORDER = ["lora", "dora", "hira", "moelora", "teamlora", "talklora"]
 METHOD_LABEL = {"lora": "LoRA", "dora": "DoRA", "hira": "HiRA", "moelora": "MoELoRA", "teamlora": "TeamLoRA",
                 "talklora": "TalkLoRA"}  # fmt: skip
 MARKS = ["†", "‡", "§", "¶", "♯", "♮", "♭"]  # one per baseline, in the order given
+TEX_MARKS = {"†": r"$^\dagger$", "‡": r"$^\ddagger$", "§": r"$^\S$", "¶": r"$^\P$", "♯": r"$^\sharp$",
+             "♮": r"$^\natural$", "♭": r"$^\flat$", "↓": r"$^\downarrow$"}  # fmt: skip
 
 
 def label(method: str) -> str:
@@ -36,8 +38,9 @@ class Compare:
     def mark(self, base: str) -> str:
         return MARKS[self.baselines.index(base) % len(MARKS)]
 
-    def legend(self) -> str:
-        pairs = ", ".join(f"{self.mark(b)} {label(b)}" for b in self.baselines)
+    def legend(self, present: set[str] | None = None) -> str:
+        """The marks' meaning, for the baselines `present` in the table (all when None): no key for an absent row."""
+        pairs = ", ".join(f"{self.mark(b)} {label(b)}" for b in self.baselines if present is None or b in present)
         return (f"{pairs}: {label(self.proposal)} significantly better than that baseline; ↓ + mark: significantly "
                 "worse (paired t-test over seeds, p < 0.05)")  # fmt: skip
 
@@ -76,14 +79,9 @@ class Table:
 
     def latex(self) -> str:
         def tex(c: str) -> str:
-            c = (
-                c.replace("±", r"$\pm$")
-                .replace("%", r"\%")
-                .replace("_", r"\_")
-                .replace("†", r"$^\dagger$")
-                .replace("‡", r"$^\ddagger$")
-                .replace("↓", r"$^\downarrow$")
-            )
+            c = c.replace("±", r"$\pm$").replace("%", r"\%").replace("_", r"\_")
+            for mark, cmd in TEX_MARKS.items():
+                c = c.replace(mark, cmd)
             if c.startswith("**") and "**" in c[2:]:
                 end = c.index("**", 2)
                 c = r"\textbf{" + c[2:end] + "}" + c[end + 2 :]
@@ -226,7 +224,7 @@ def score_table(
     fam_runs = [r for rs in groups.values() for r in rs.values()]
     note = (f"Main metric per task x100, mean ± std over seeds ({', '.join(f'{s[1]}/{s[0]}' for s in settings)}). "
             f"Reported split: {', '.join(sorted({r.metrics.get('report_split', 'dev') for r in fam_runs}))}; checkpoint "
-            f"selection: {protocols(fam_runs)}. Bold: best mean. {cmp.legend()}."
+            f"selection: {protocols(fam_runs)}. Bold: best mean. {cmp.legend({k[2] for k in groups})}."
             + (" (n=k): mean over only k seeds, fewer than the table's other cells." if short else "")
             + (" Majority class / constant: the best constant prediction on dev (its most frequent label; MCC 0; "
                "none for Pearson)." if trivial else ""))  # fmt: skip
