@@ -1,6 +1,8 @@
-"""model.pair_encoding=siamese: each sentence of a GLUE pair encoded alone, the head reading [u, v, |u-v|, u*v]."""
+"""model.pair_encoding: siamese (each sentence of a GLUE pair encoded alone, the head reading [u, v, |u-v|, u*v]) and
+cosine (the same two towers, a 2-parameter head on their cosine, fitted on train before fine-tuning)."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -8,7 +10,7 @@ from conftest import compose_cfg
 
 from talklora_exp import identity
 from talklora_exp.errors import UserError
-from talklora_exp.models import SiameseHead
+from talklora_exp.models import CosineHead, SiameseHead, fit_cosine_head
 from talklora_exp.tasks.glue import SiameseCollator
 
 
@@ -22,6 +24,57 @@ def test_siamese_head_by_hand():
     # pair 1: u=(0,2) v=(-2,2): |u-v|=(2,0) u*v=(0,4) -> 0+4 + -6+8 + 10+0 + 0+32 + .5
     assert head(pooled).squeeze(-1).tolist() == [47.5, 48.5]
     assert torch.all(head.out.bias == 0.5)
+
+
+def test_cosine_head_by_hand():
+    head = CosineHead(num_labels=2, init_std=0.02)
+    with torch.no_grad():
+        head.out.weight.copy_(torch.tensor([[2.0], [-1.0]]))
+        head.out.bias.copy_(torch.tensor([0.5, 0.0]))
+    pooled = torch.tensor([[1.0, 0.0], [0.0, 2.0], [1.0, 1.0], [0.0, -3.0]])  # u0, u1, then v0, v1
+    # pair 0: cos((1,0),(1,1)) = 1/sqrt(2) -> [2/sqrt(2) + .5, -1/sqrt(2)]; pair 1: cos((0,2),(0,-3)) = -1 -> [-1.5, 1]
+    r = 1 / math.sqrt(2)
+    torch.testing.assert_close(head(pooled), torch.tensor([[2 * r + 0.5, -r], [-1.5, 1.0]]))
+
+
+class _Pooled(torch.nn.Module):
+    """A stand-in encoder whose 'input' is already the 2B pooled rows: fit_cosine_head only needs model(**batch)."""
+
+    def __init__(self, num_labels: int):
+        super().__init__()
+        self.classifier = CosineHead(num_labels, 0.02)
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        return self.classifier(pooled)
+
+
+def test_fit_cosine_head_classification_is_the_maximum_likelihood_fit():
+    """Cosines 0 and 1, four pairs each, 1 of 4 and 3 of 4 in class 1: the saturated logistic fit has class 1's logit
+    log(1/3) at cos 0 and log(3) at cos 1, so weight 2 log 3 and bias -log 3 against class 0's fixed 0."""
+    far, near = [[1.0, 0.0], [0.0, 1.0]], [[1.0, 0.0], [2.0, 0.0]]  # (u, v): cos 0, cos 1
+    pairs = [far] * 4 + [near] * 4
+    labels = torch.tensor([1, 0, 0, 0, 1, 1, 1, 0])
+    batch = {"pooled": torch.tensor([p[0] for p in pairs] + [p[1] for p in pairs]), "labels": labels}
+    model = _Pooled(2)
+    fit = fit_cosine_head(model, [batch], regression=False)
+    w, b = model.classifier.out.weight.detach(), model.classifier.out.bias.detach()
+    torch.testing.assert_close(w, torch.tensor([[0.0], [2 * math.log(3)]]), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(b, torch.tensor([0.0, -math.log(3)]), atol=1e-4, rtol=1e-4)
+    assert fit["n_train"] == 8 and fit["train_score"] == 0.75 and model.training  # mode restored
+
+
+def test_fit_cosine_head_regression_is_least_squares():
+    """Labels exactly 3 cos + 1 over cosines 0, 1/sqrt(2), 1 and -1: the fit recovers weight 3, bias 1."""
+    u = [[1.0, 0.0]] * 4
+    v = [[0.0, 1.0], [1.0, 1.0], [5.0, 0.0], [-2.0, 0.0]]
+    cos = torch.tensor([0.0, 1 / math.sqrt(2), 1.0, -1.0])
+    model = _Pooled(1).eval()
+    batches = [{"pooled": torch.tensor(u[:2] + v[:2]), "labels": 3 * cos[:2] + 1},
+               {"pooled": torch.tensor(u[2:] + v[2:]), "labels": 3 * cos[2:] + 1}]  # fmt: skip
+    fit_cosine_head(model, batches, regression=True)
+    assert model.classifier.out.weight.item() == pytest.approx(3.0, abs=1e-5)
+    assert model.classifier.out.bias.item() == pytest.approx(1.0, abs=1e-5)
+    assert not model.training
 
 
 def test_siamese_collator_stacks_first_sentences_then_second(tmp_path):
@@ -59,7 +112,11 @@ def test_a_new_key_at_its_old_behaviour_keeps_old_run_identities():
     "overrides, match",
     [
         (["task=glue/sst2", "model.pair_encoding=siamese"], r"needs a sentence-pair task; glue/sst2 has one sentence"),
-        (["task=glue/rte", "model.pair_encoding=bi"], r"model.pair_encoding='bi'; allowed: \['cross', 'siamese'\]"),
+        (["task=glue/rte", "model.pair_encoding=bi"],
+         r"model.pair_encoding='bi'; allowed: \['cross', 'siamese', 'cosine'\]"),
+        (["task=glue/sst2", "model.pair_encoding=cosine"], r"cosine needs a sentence-pair task; glue/sst2 has one"),
+        (["task=glue/rte", "model.pair_encoding=cosine", "model.pooling=cls"],
+         r"pair_encoding=cosine reads mean-pooled sentence embeddings, but model.pooling=.cls.; set model.pooling=mean"),
         (["model=smollm2-135m", "task=commonsense/boolq", "+model.pair_encoding=siamese"],
          r"applies to GLUE sentence-pair tasks, not boolq"),
     ],
@@ -121,3 +178,38 @@ def test_a_record_that_spells_out_the_old_behaviour_is_the_same_run():
     other = {"config_hash": "x", "config": {**new["config"], "model.pair_encoding": "cross", "trainer.lr": 9.0}}
     assert not identity.same_config(other, new) and not identity.same_config(None, new)
     assert not identity.same_config({"config_hash": "x", "config": {}}, new)
+
+
+@pytest.mark.slow
+def test_cosine_logits_read_each_sentence_embedding_and_the_fit_lands_in_the_run(glue_dir, tmp_path):
+    """The batched forward equals the head on the cosine of each sentence's plain mean-pooled states (no pooler dense,
+    no padding); a run fits the head on its training pairs before step 1, records the fit, and its saved head and
+    adapter reproduce the reported dev numbers."""
+    from talklora_exp.evaluate import evaluate_run
+    from talklora_exp.run import build, run
+
+    over = ["task=glue/rte", "model.pair_encoding=cosine", "method=moelora", f"paths.data_dir={glue_dir}",
+            "trainer.max_steps=4", "trainer.eval_every=2", "trainer.batch_size=4", "model.max_length=32",
+            "trainer.progress=false", "task.val_size=8", "trainer.lr=2e-3", "trainer.checkpoint_every=null"]  # fmt: skip
+    b = build(compose_cfg(over))
+    task, tok, model = b["task"], b["tokenizer"], b["model"]
+    assert not any("pooler" in n for n, _ in model.named_parameters())  # the dense + tanh is gone, not just frozen
+    data = task.load(tok, str(glue_dir), 32, None, None, val_size=8)
+    ex = [data.train[i] for i in range(3)]
+    batch = task.collator(tok)(ex)
+    model.eval()
+    with torch.no_grad():
+        got = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+        enc = model.base_model
+        for i, f in enumerate(ex):
+            u = enc(input_ids=torch.tensor([f["input_ids"]])).last_hidden_state[0].mean(0)
+            v = enc(input_ids=torch.tensor([f["input_ids_b"]])).last_hidden_state[0].mean(0)
+            cos = torch.nn.functional.cosine_similarity(u, v, dim=0)
+            torch.testing.assert_close(got[i], model.classifier.out(cos.view(1)), rtol=1e-5, atol=1e-5)
+
+    m = run(compose_cfg(over), tmp_path / "run")
+    assert m["status"] == "completed" and m["head_fit"]["n_train"] == m["data"]["n_train"]
+    first = json.loads((tmp_path / "run" / "train_log.jsonl").read_text().splitlines()[0])
+    assert first == {"step": 0, "head_fit": m["head_fit"]}
+    again, _ = evaluate_run(tmp_path / "run", [])
+    assert again == pytest.approx(m["eval"])

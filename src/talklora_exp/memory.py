@@ -10,7 +10,7 @@
     total        = weights + adapters + activations + logits + 1 GiB (CUDA context, allocator slack)
 
 T = batch_size x rows x sequence length (prompt + response cutoffs for generation, model.max_length for encoders;
-rows = 2 for `model.pair_encoding=siamese`, which encodes each sentence of a pair as its own row, else 1), h the
+rows = 2 for `model.pair_encoding=siamese` or `cosine`, which encodes each sentence of a pair as its own row, else 1), h the
 hidden size, h_kv the key/value width, i the MLP width, V the vocabulary (the classifier width for encoders), L the
 layers; bytes(act) = 2 under bf16/fp16 autocast or a half-precision base, else 4.
 """
@@ -20,6 +20,8 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+
+from .models import TWO_TOWER
 
 GiB = 1024**3
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
@@ -43,7 +45,7 @@ def estimate_memory(cfg: Any, model: torch.nn.Module, adapter_params: int, task:
         if task.kind == "causal"
         else int(cfg.model.max_length)
     )
-    rows = 2 if task.kind != "causal" and str(cfg.model.get("pair_encoding", "cross")) == "siamese" else 1
+    rows = 2 if task.kind != "causal" and str(cfg.model.get("pair_encoding", "cross")) in TWO_TOWER else 1
     tokens = int(cfg.trainer.batch_size) * rows * seq
     wdtype = gpu_dtype(str(cfg.model.get("dtype", "auto")))
     wbytes = DTYPE_BYTES[wdtype]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -207,16 +208,93 @@ class SiameseHead(torch.nn.Module):
         return self.out(torch.cat([u, v, (u - v).abs(), u * v], dim=-1))
 
 
+class CosineHead(torch.nn.Module):
+    """`model.pair_encoding=cosine`: each sentence encoded alone (as for siamese), mean-pooled without the pooler's
+    dense + tanh, and a Linear(1, num_labels) reads the cosine of the two embeddings. This is the readout
+    all-MiniLM-L6-v2 was trained for (its contrastive loss compares cosines), so the frozen model already separates
+    pairs with it; `fit_cosine_head` fits the two numbers on the training split before fine-tuning (a linear probe,
+    then fine-tuning: Kumar et al. 2022, LP-FT), so the adapters start from that readout instead of a random head."""
+
+    def __init__(self, num_labels: int, init_std: float):
+        super().__init__()
+        self.out = torch.nn.Linear(1, num_labels)
+        torch.nn.init.normal_(self.out.weight, std=init_std)
+        torch.nn.init.zeros_(self.out.bias)
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        n = pooled.shape[0] // 2
+        cos = torch.nn.functional.cosine_similarity(pooled[:n], pooled[n:], dim=-1, eps=1e-8)
+        return self.out(cos.unsqueeze(-1))
+
+
+PAIR_ENCODINGS = ("cross", "siamese", "cosine")
+TWO_TOWER = ("siamese", "cosine")  # encodings that encode each sentence of a pair as its own row
+
+
 def apply_pair_encoding(model: Any, mode: str) -> Any:
-    """`cross` (GLUE's usual input, both sentences in one sequence) keeps the model; `siamese` swaps in SiameseHead."""
+    """`cross` (GLUE's usual input, both sentences in one sequence) keeps the model; `siamese` swaps in SiameseHead;
+    `cosine` swaps in CosineHead and makes the pooler a plain mean (no dense, no dropout before the cosine)."""
     if mode == "cross":
         return model
-    if mode != "siamese":
-        raise UserError(f"model.pair_encoding={mode!r}; allowed: ['cross', 'siamese']")
+    if mode not in PAIR_ENCODINGS:
+        raise UserError(f"model.pair_encoding={mode!r}; allowed: {list(PAIR_ENCODINGS)}")
     clf = getattr(model, "classifier", None)
     if not isinstance(clf, torch.nn.Linear) or getattr(model.base_model, "pooler", None) is None:
-        raise UserError(f"model.pair_encoding=siamese needs a BERT-style pooler + linear classifier; "
+        raise UserError(f"model.pair_encoding={mode} needs a BERT-style pooler + linear classifier; "
                         f"{type(model).__name__} has none (use pair_encoding=cross)")  # fmt: skip
-    model.classifier = SiameseHead(clf.in_features, clf.out_features, float(model.config.initializer_range))
+    std = float(model.config.initializer_range)
+    if mode == "siamese":
+        model.classifier = SiameseHead(clf.in_features, clf.out_features, std)
+    else:
+        pooler = model.base_model.pooler
+        if not isinstance(pooler, MeanPooler):
+            raise UserError("model.pair_encoding=cosine reads mean-pooled sentence embeddings; set model.pooling=mean")
+        pooler.dense, pooler.activation = (
+            torch.nn.Identity(),
+            torch.nn.Identity(),
+        )  # the embedding the model was trained on
+        if isinstance(getattr(model, "dropout", None), torch.nn.Dropout):
+            model.dropout = torch.nn.Identity()  # dropout on the embedding would only add noise to a 1-feature head
+        model.classifier = CosineHead(clf.out_features, std)
     model.classifier.to(clf.weight.device, clf.weight.dtype)
     return model
+
+
+@torch.no_grad()
+def fit_cosine_head(model: Any, loader: Any, regression: bool, device: torch.device | None = None) -> dict[str, Any]:
+    """The linear probe of LP-FT for `pair_encoding=cosine`: the cosine of every training pair under the model as
+    built (adapters at their initial, identity-preserving state), then a logistic regression (classification) or
+    least squares (regression) of the labels on it, written into CosineHead.out. Fitted on the training split only;
+    deterministic, so every process fits the same numbers. Returns the fit, for the run's log."""
+    from sklearn.linear_model import LinearRegression, LogisticRegression
+
+    head = model.classifier
+    if not isinstance(head, CosineHead):
+        raise TypeError(f"fit_cosine_head needs a CosineHead classifier, got {type(head).__name__}")
+    was_training = model.training
+    model.eval()
+    feats, labels = [], []
+    grab = head.out.register_forward_pre_hook(lambda m, args: feats.append(args[0].detach().float().cpu()))
+    try:
+        for batch in loader:
+            batch = {k: v.to(device) if device is not None else v for k, v in batch.items()}
+            labels.append(batch.pop("labels").cpu())
+            model(**batch)
+    finally:
+        grab.remove()
+        model.train(was_training)
+    x, y = torch.cat(feats).double().numpy(), torch.cat(labels).numpy()
+    w = head.out.weight
+    if regression:
+        lr = LinearRegression().fit(x, y)
+        weight, bias = torch.tensor([[lr.coef_[0]]]), torch.tensor([lr.intercept_])
+    else:
+        lr = LogisticRegression(C=math.inf, max_iter=1000).fit(x, y)  # one feature, thousands of pairs: plain MLE
+        coef, icpt = torch.tensor(lr.coef_), torch.tensor(lr.intercept_)
+        if coef.shape[0] == 1:  # binary: sklearn gives class 1's logit against class 0's (fixed at 0)
+            coef, icpt = torch.cat([torch.zeros_like(coef), coef]), torch.cat([torch.zeros_like(icpt), icpt])
+        weight, bias = coef, icpt
+    w.copy_(weight.to(w.dtype))
+    head.out.bias.copy_(bias.to(w.dtype))
+    return {"n_train": len(y), "weight": [round(float(v), 6) for v in weight.flatten()],
+            "bias": [round(float(v), 6) for v in bias.flatten()], "train_score": round(float(lr.score(x, y)), 6)}  # fmt: skip

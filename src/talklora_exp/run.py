@@ -13,13 +13,14 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
+from torch.utils.data import DataLoader
 
 from . import budget as budget_mod
 from . import checkpoint as ckpt
 from .errors import UserError
 from .identity import IDENTITY_FILE, identity, mismatch_error, read_identity, same_config
 from .methods import build_method, find_target_layers, method_config
-from .models import load_model, load_tokenizer
+from .models import fit_cosine_head, load_model, load_tokenizer
 from .rundir import RunDirBusy, RunDirLock, RunLogger, atomic_write_json, read_status
 from .tasks import build_task
 from .trainer import Trainer, resolve_mixed_precision
@@ -195,6 +196,11 @@ def _run_locked(cfg: DictConfig, run_dir: Path, ident: dict, acc: Accelerator, m
         if main:  # nothing claims completion; sweeps and tables see why this run has no result
             atomic_write_json(run_dir / "metrics.json", {"status": "failed", **hashes, "error": f"UserError: {e}"})
         raise
+    head_fit = None
+    if str(cfg.model.get("pair_encoding", "cross")) == "cosine" and resume_state is None:  # resumed: in the checkpoint
+        head_fit = fit_cosine_head(model.to(acc.device), DataLoader(data.train, batch_size=int(tcfg.eval_batch_size),
+                                   collate_fn=task.collator(tok)), task.is_regression, acc.device)  # fmt: skip
+        log.info("cosine head fitted on %d training pairs (LP-FT): %s", head_fit["n_train"], head_fit)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     counts = count_params(model, set(method.adapter_param_names(model)))
     log.info(
@@ -203,6 +209,8 @@ def _run_locked(cfg: DictConfig, run_dir: Path, ident: dict, acc: Accelerator, m
         bres.target_params, counts["head_params"], tcfg.select, data.info.get("source"),
     )  # fmt: skip
     logger = RunLogger(run_dir, cfg.logger, resolved, enabled=main)
+    if head_fit is not None:
+        logger.log({"step": 0, "head_fit": head_fit})  # kept by a resume's log truncation (step 0)
     base = {
         "task": task.name,
         "task_family": cfg.task.family,
@@ -218,6 +226,7 @@ def _run_locked(cfg: DictConfig, run_dir: Path, ident: dict, acc: Accelerator, m
         "data": data.info,
         "device": device_name(acc),
         "tokenizer": getattr(tok, "talklora_source", cfg.model.name),
+        **({"head_fit": head_fit} if head_fit else {}),  # a resumed run's fit is its train_log's step-0 record
     }
     if cfg.model.get("shape_only"):
         base["shape_model"] = {"random_weights": True, "vocab_size": len(tok),

@@ -47,7 +47,7 @@ RULES: dict[str, tuple[str, Any]] = {
     "model.max_length": ("int", (1, None)),
     "model.dtype": ("choice", ("auto", "bf16", "fp16", "fp32")),
     "model.pooling": ("choice", ("cls", "mean")),
-    "model.pair_encoding": ("choice", ("cross", "siamese")),
+    "model.pair_encoding": ("choice", ("cross", "siamese", "cosine")),
     "model.num_layers": ("int?", (1, None)),
     "task.val_size": ("int", (0, None)),
     "task.val_seed": ("int", (None, None)),
@@ -120,3 +120,6 @@ def validate_config(cfg: DictConfig) -> None:
         err = check_value(key, value, kind, allowed)
         if err:
             raise UserError(err)
+    if OmegaConf.select(cfg, "model.pair_encoding") == "cosine" and OmegaConf.select(cfg, "model.pooling") != "mean":
+        raise UserError(f"model.pair_encoding=cosine reads mean-pooled sentence embeddings, but model.pooling="
+                        f"{OmegaConf.select(cfg, 'model.pooling')!r}; set model.pooling=mean")  # fmt: skip

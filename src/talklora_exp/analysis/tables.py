@@ -38,9 +38,9 @@ class Compare:
     def mark(self, base: str) -> str:
         return MARKS[self.baselines.index(base) % len(MARKS)]
 
-    def legend(self, present: set[str] | None = None) -> str:
-        """The marks' meaning, for the baselines `present` in the table (all when None): no key for an absent row."""
-        pairs = ", ".join(f"{self.mark(b)} {label(b)}" for b in self.baselines if present is None or b in present)
+    def legend(self, present: set[str]) -> str:
+        """The marks' meaning, for the baselines `present` in the table: no key for a baseline with no row."""
+        pairs = ", ".join(f"{self.mark(b)} {label(b)}" for b in self.baselines if b in present)
         return (f"{pairs}: {label(self.proposal)} significantly better than that baseline; ↓ + mark: significantly "
                 "worse (paired t-test over seeds, p < 0.05)")  # fmt: skip
 

@@ -13,6 +13,7 @@ import torch
 
 from ..data import describe_search, find_local, iter_lines
 from ..errors import UserError
+from ..models import TWO_TOWER
 from . import metrics as M
 from .base import Split, Task, TaskData, split_and_cap
 
@@ -182,13 +183,18 @@ class GlueTask(Task):
         self.pair_encoding = "cross"  # set from model.pair_encoding by run.build (how the model reads a pair)
 
     def set_pair_encoding(self, mode: str) -> None:
-        if mode == "siamese" and len(self.spec.text_cols) != 2:
-            raise UserError(f"model.pair_encoding=siamese needs a sentence-pair task; glue/{self.name} has one sentence "
+        if mode in TWO_TOWER and len(self.spec.text_cols) != 2:
+            raise UserError(f"model.pair_encoding={mode} needs a sentence-pair task; glue/{self.name} has one sentence "
                             "(use pair_encoding=cross)")  # fmt: skip
         self.pair_encoding = mode
 
+    @property
+    def two_tower(self) -> bool:
+        """Each sentence of a pair encoded as its own row (siamese, cosine)."""
+        return self.pair_encoding in TWO_TOWER
+
     def collator(self, tokenizer: Any) -> Any:
-        return SiameseCollator(tokenizer) if self.pair_encoding == "siamese" else super().collator(tokenizer)
+        return SiameseCollator(tokenizer) if self.two_tower else super().collator(tokenizer)
 
     @property
     def is_regression(self) -> bool:
@@ -209,7 +215,7 @@ class GlueTask(Task):
         train, val, devs = split_and_cap(train, devs, val_size, val_seed, max_train, max_eval)
 
         def encode(exs: list[Example]) -> Split:
-            if self.pair_encoding == "siamese":  # each sentence on its own: first-sentence fields, then "<field>_b"
+            if self.two_tower:  # each sentence on its own: first-sentence fields, then "<field>_b"
                 a = tokenizer([e.text[0] for e in exs], truncation=True, max_length=max_length)
                 b = tokenizer([e.text[1] for e in exs], truncation=True, max_length=max_length)
                 feats = [{**{k: a[k][i] for k in a}, **{k + "_b": b[k][i] for k in b}} for i in range(len(exs))]
