@@ -188,7 +188,7 @@ def test_cosine_logits_read_each_sentence_embedding_and_the_fit_lands_in_the_run
     from talklora_exp.evaluate import evaluate_run
     from talklora_exp.run import build, run
 
-    over = ["task=glue/rte", "model.pair_encoding=cosine", "method=moelora", f"paths.data_dir={glue_dir}",
+    over = ["task=glue/rte", "model.pair_encoding=cosine", "method=lora", f"paths.data_dir={glue_dir}",
             "trainer.max_steps=4", "trainer.eval_every=2", "trainer.batch_size=4", "model.max_length=32",
             "trainer.progress=false", "task.val_size=8", "trainer.lr=2e-3", "trainer.checkpoint_every=null"]  # fmt: skip
     b = build(compose_cfg(over))
@@ -200,12 +200,17 @@ def test_cosine_logits_read_each_sentence_embedding_and_the_fit_lands_in_the_run
     model.eval()
     with torch.no_grad():
         got = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
-        enc = model.base_model
+        enc = next(m for m in model.modules() if type(m).__name__ == "BertModel")  # under peft's wrappers
         for i, f in enumerate(ex):
             u = enc(input_ids=torch.tensor([f["input_ids"]])).last_hidden_state[0].mean(0)
             v = enc(input_ids=torch.tensor([f["input_ids_b"]])).last_hidden_state[0].mean(0)
             cos = torch.nn.functional.cosine_similarity(u, v, dim=0)
-            torch.testing.assert_close(got[i], model.classifier.out(cos.view(1)), rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(got[i], model.classifier(torch.stack([u, v])).squeeze(0), rtol=1e-5, atol=1e-5)
+        # the fit lands in the head the forward pass reads (peft keeps a frozen original beside its trainable copy)
+        fit = fit_cosine_head(model, [task.collator(tok)([data.train[i] for i in range(len(data.train))])], False)
+        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+        want = torch.tensor(fit["weight"]) * cos + torch.tensor(fit["bias"])  # the last pair's cosine
+        torch.testing.assert_close(logits[-1], want, rtol=1e-4, atol=1e-4)
 
     m = run(compose_cfg(over), tmp_path / "run")
     assert m["status"] == "completed" and m["head_fit"]["n_train"] == m["data"]["n_train"]
@@ -213,3 +218,28 @@ def test_cosine_logits_read_each_sentence_embedding_and_the_fit_lands_in_the_run
     assert first == {"step": 0, "head_fit": m["head_fit"]}
     again, _ = evaluate_run(tmp_path / "run", [])
     assert again == pytest.approx(m["eval"])
+
+
+@pytest.mark.parametrize("method", ["lora", "dora", "moelora", "talklora"])
+def test_mean_pooling_ignores_padding_under_every_method(method):
+    """A padded batch gives each example the logits it gets alone, for every method, whether it trains the head in
+    place or through peft's modules_to_save copy (whose pooler once never saw the mask: LoRA and DoRA averaged over
+    padding). Tiny random BERT, so no download."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from talklora_exp.methods import build_method
+    from talklora_exp.models import apply_pooling
+
+    torch.manual_seed(0)
+    conf = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                      num_labels=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)  # fmt: skip
+    model = apply_pooling(BertForSequenceClassification(conf), "mean")
+    model = build_method(compose_cfg([f"method={method}"]).method).inject(
+        model, ["query", "value"], ["classifier", "pooler"], "seq_cls"
+    )
+    model.eval()
+    ids = torch.tensor([[2, 7, 9, 3, 0, 0, 0], [2, 5, 6, 8, 11, 12, 3]])
+    with torch.no_grad():
+        both = model(input_ids=ids, attention_mask=(ids != 0).long()).logits
+        alone = model(input_ids=ids[:1, :4], attention_mask=torch.ones(1, 4, dtype=torch.long)).logits
+    torch.testing.assert_close(both[0], alone[0], rtol=1e-5, atol=1e-6)

@@ -184,7 +184,11 @@ def apply_pooling(model: Any, mode: str) -> Any:
     enc.pooler = MeanPooler(pooler)
 
     def keep_mask(module: Any, args: tuple, kwargs: dict) -> None:
-        enc.pooler.mask = kwargs.get("attention_mask")
+        # every MeanPooler under the pooler slot: a method that trains the head by copy (peft's modules_to_save wraps
+        # the pooler and runs its copy) must get the mask too, or its mean runs over the padding
+        for m in enc.pooler.modules():
+            if isinstance(m, MeanPooler):
+                m.mask = kwargs.get("attention_mask")
 
     enc.register_forward_pre_hook(keep_mask, with_kwargs=True)
     return model
@@ -268,22 +272,29 @@ def fit_cosine_head(model: Any, loader: Any, regression: bool, device: torch.dev
     deterministic, so every process fits the same numbers. Returns the fit, for the run's log."""
     from sklearn.linear_model import LinearRegression, LogisticRegression
 
-    head = model.classifier
-    if not isinstance(head, CosineHead):
-        raise TypeError(f"fit_cosine_head needs a CosineHead classifier, got {type(head).__name__}")
+    heads = [m for m in model.modules() if isinstance(m, CosineHead)]  # peft keeps a frozen original beside the copy
+    if not heads:
+        raise TypeError(f"fit_cosine_head needs a model with a CosineHead, got {type(model).__name__}")
     was_training = model.training
     model.eval()
-    feats, labels = [], []
-    grab = head.out.register_forward_pre_hook(lambda m, args: feats.append(args[0].detach().float().cpu()))
+    feats: dict[int, list[torch.Tensor]] = {}
+    labels = []
+    grabs = [h.out.register_forward_pre_hook(lambda m, args, i=i: feats.setdefault(i, []).append(args[0].float().cpu()))
+             for i, h in enumerate(heads)]  # fmt: skip
     try:
         for batch in loader:
             batch = {k: v.to(device) if device is not None else v for k, v in batch.items()}
             labels.append(batch.pop("labels").cpu())
             model(**batch)
     finally:
-        grab.remove()
+        for g in grabs:
+            g.remove()
         model.train(was_training)
-    x, y = torch.cat(feats).double().numpy(), torch.cat(labels).numpy()
+    (used, rows), *more = feats.items()
+    if more:
+        raise RuntimeError("fit_cosine_head: more than one CosineHead ran in one forward pass")
+    head = heads[used]  # the one the forward pass reads (peft's trainable copy)
+    x, y = torch.cat(rows).double().numpy(), torch.cat(labels).numpy()
     w = head.out.weight
     if regression:
         lr = LinearRegression().fit(x, y)
