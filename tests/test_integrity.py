@@ -181,3 +181,22 @@ def test_resume_refuses_a_checkpoint_of_another_config(glue_dir, tmp_path, monke
     (d / "checkpoints" / "step-2" / "state.pt").write_bytes(b"junk")
     with pytest.raises(UserError, match="no usable checkpoint in .*; rerun without trainer.resume=auto"):
         run(compose_cfg(base), d)
+
+
+def test_a_result_changing_fix_orphans_only_the_runs_it_changes():
+    """LoRA/DoRA with a trained pooler under mean pooling carry the padding fix in their identity, so a run recorded
+    before it (no such key) is a different config and a sweep stops on it; other methods' identities are untouched."""
+    from talklora_exp.identity import mismatch_error, same_config
+
+    lora = identity(compose_cfg(["method=lora", "task=glue/rte"]))
+    assert lora["config"]["fix.mean_pool_mask_under_peft"] is True
+    before = {k: v for k, v in lora["config"].items() if not k.startswith("fix.")}
+    recorded = {"config_hash": "made-before-the-fix", "config": before}
+    assert not same_config(recorded, lora)
+    assert "fix.mean_pool_mask_under_peft: '<absent>' -> True" in str(mismatch_error(ROOT, "it", recorded, lora))
+    for over in (
+        ["method=talklora"],
+        ["method=lora", "model.pooling=cls"],
+        ["method=lora", "model.head_modules=[classifier]"],
+    ):
+        assert not any(k.startswith("fix.") for k in identity(compose_cfg([*over, "task=glue/rte"]))["config"])

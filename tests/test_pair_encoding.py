@@ -213,7 +213,11 @@ def test_cosine_logits_read_each_sentence_embedding_and_the_fit_lands_in_the_run
         torch.testing.assert_close(logits[-1], want, rtol=1e-4, atol=1e-4)
 
     m = run(compose_cfg(over), tmp_path / "run")
-    assert m["status"] == "completed" and m["head_fit"]["n_train"] == m["data"]["n_train"]
+    assert (
+        m["status"] == "completed"
+        and m["head_fit"]["n_train"] == m["data"]["n_train"]
+        and m["head_fit"]["seconds"] >= 0
+    )
     first = json.loads((tmp_path / "run" / "train_log.jsonl").read_text().splitlines()[0])
     assert first == {"step": 0, "head_fit": m["head_fit"]}
     again, _ = evaluate_run(tmp_path / "run", [])

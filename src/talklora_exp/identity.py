@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,17 @@ NOT_RESULTS = (
 ADDED_WITH_DEFAULT: dict[str, Any] = {
     "model.pair_encoding": "cross",
 }
+# Code fixes that change what some configs compute. A config a fix applies to carries `fix.<name>: true` in its
+# identity, so runs made before the fix never match it again: a sweep stops on them (naming the fix) instead of
+# reusing their numbers, and the analysis never averages them with runs made after it.
+RESULT_FIXES: dict[str, Callable[[dict[str, Any]], bool]] = {
+    # models.apply_pooling: LoRA/DoRA train the pooler through peft's modules_to_save copy, which never saw the
+    # attention mask, so their mean pooling ran over the padding (fixed 2026-12-02)
+    "mean_pool_mask_under_peft": lambda c: (
+        c.get("method.name") in ("lora", "dora") and c.get("model.pooling") == "mean"
+        and c.get("model.kind") == "encoder" and "pooler" in (c.get("model.head_modules") or [])
+    ),
+}  # fmt: skip
 IDENTITY_FILE = "identity.json"
 
 
@@ -77,6 +89,8 @@ def identity(cfg: DictConfig | dict) -> dict[str, Any]:
     """{"config_hash", "group_hash" (the same without the seed: runs of one table cell share it), "config": flat}."""
     container = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
     flat = {k: v for k, v in sorted(_flatten(container).items()) if not _excluded(k) and not _at_old_behaviour(k, v)}
+    flat.update({f"fix.{name}": True for name, applies in RESULT_FIXES.items() if applies(flat)})
+    flat = dict(sorted(flat.items()))
 
     def h(d: dict) -> str:
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -198,8 +198,11 @@ def _run_locked(cfg: DictConfig, run_dir: Path, ident: dict, acc: Accelerator, m
         raise
     head_fit = None
     if str(cfg.model.get("pair_encoding", "cross")) == "cosine" and resume_state is None:  # resumed: in the checkpoint
-        head_fit = fit_cosine_head(model.to(acc.device), DataLoader(data.train, batch_size=int(tcfg.eval_batch_size),
-                                   collate_fn=task.collator(tok)), task.is_regression, acc.device)  # fmt: skip
+        t0, lengths = time.time(), data.train.lengths
+        by_length = [data.train[i] for i in sorted(range(len(lengths)), key=lengths.__getitem__)]  # little padding
+        loader = DataLoader(by_length, batch_size=int(tcfg.eval_batch_size), collate_fn=task.collator(tok))
+        head_fit = fit_cosine_head(model.to(acc.device), loader, task.is_regression, acc.device)
+        head_fit["seconds"] = round(time.time() - t0, 1)
         log.info("cosine head fitted on %d training pairs (LP-FT): %s", head_fit["n_train"], head_fit)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     counts = count_params(model, set(method.adapter_param_names(model)))
