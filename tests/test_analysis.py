@@ -346,11 +346,11 @@ def test_unreadable_metrics_is_left_out_with_its_reason(runs: Path, tmp_path: Pa
 
 
 def _grid_run(root: Path, task: str, pair: str | None, lr: float, val: float, dev: float, metric: str = "accuracy",
-              step: int = 7, epochs: int = 10, cap: int | None = None, n_train: int = 10):  # fmt: skip
+              step: int = 7, epochs: int = 10, cap: int | None = None, n_train: int = 10, extra: dict | None = None):  # fmt: skip
     d = root / f"{task}-{pair}-{lr}-{epochs}-{cap}"
     d.mkdir(parents=True)
     cfg = {"trainer.lr": lr, "seed": 0, "trainer.batch_size": 4, "trainer.epochs": epochs,
-           "trainer.max_train_samples": cap, **({"model.pair_encoding": pair} if pair else {})}  # fmt: skip
+           "trainer.max_train_samples": cap, **({"model.pair_encoding": pair} if pair else {}), **(extra or {})}  # fmt: skip
     (d / "identity.json").write_text(json.dumps({"config_hash": f"{task}{pair}{lr}", "config": cfg}))
     (d / "metrics.json").write_text(json.dumps({
         "status": "completed", "task": task, "task_family": "glue", "method": "lora", "model": "minilm",
@@ -374,7 +374,11 @@ def test_choose_lr_picks_on_validation_across_grids_never_dev(tmp_path: Path):
     _grid_run(cross, "mrpc", "cross", 1e-3, val=0.80, dev=0.80)
     _grid_run(cross, "mrpc", "cross", 2e-3, val=0.83, dev=0.79, step=13, epochs=8)  # 13 steps: 4.33 epochs -> 9 > 8
     _grid_run(pairs, "mrpc", "siamese", 2e-3, val=0.83, dev=0.90)  # a tie on val goes to cross
-    _grid_run(cross, "cola", None, 1e-3, val=0.40, dev=0.40, step=2, metric="mcc")  # 0.67 epochs: 2 x -> 2 < 3
+    peft_lora = {"method.name": "lora", "model.pooling": "mean", "model.kind": "encoder",
+                 "model.head_modules": ["classifier", "pooler"]}  # fmt: skip
+    _grid_run(cross, "cola", None, 1e-3, val=0.40, dev=0.40, step=2, metric="mcc", extra=peft_lora)  # pre-fix run
+    _grid_run(cross, "cola", None, 2e-3, val=0.30, dev=0.30, step=2, metric="mcc",  # made after the fix
+              extra={**peft_lora, "fix.mean_pool_mask_under_peft": True})  # fmt: skip
     assert choose_main([str(cross), str(pairs), "--out", str(tmp_path / "out")]) == 0
     got = json.loads((tmp_path / "out" / "choice.json").read_text())
     assert got == {"cola": {"lr": 1e-3, "pair_encoding": "cross", "epochs": 3, "train_cap": None},  # the floor
@@ -383,6 +387,7 @@ def test_choose_lr_picks_on_validation_across_grids_never_dev(tmp_path: Path):
     md = (tmp_path / "out" / "choice.md").read_text()
     assert "| rte | siamese | 0.0005 | all | 0.6000 | 7 (2.33 of 10) | 5 | 0.5500 |" in md
     assert "cross lr 0.001 10ep: 0.5400" in md
+    assert "made before a result-changing fix (identity.RESULT_FIXES): 1 of 9 before `mean_pool_mask_under_peft`" in md
     assert (tmp_path / "out" / "grid_curves.png").stat().st_size > 0  # every setting's curves, chosen one thick
 
 

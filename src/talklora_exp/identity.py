@@ -53,6 +53,11 @@ RESULT_FIXES: dict[str, Callable[[dict[str, Any]], bool]] = {
 IDENTITY_FILE = "identity.json"
 
 
+def missing_fixes(config: dict[str, Any]) -> list[str]:
+    """The RESULT_FIXES that apply to a recorded (flat) config but that it does not carry: the run predates them."""
+    return [name for name, applies in RESULT_FIXES.items() if applies(config) and not config.get(f"fix.{name}")]
+
+
 class ConfigMismatch(UserError):
     """The run dir holds a run of a different config; never reused, never overwritten without overwrite=true."""
 

@@ -16,10 +16,11 @@ import argparse
 import json
 import math
 import sys
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 from statistics import mean
 
+from ..identity import missing_fixes
 from .collect import Run, collect
 from .tables import compute_table
 
@@ -133,6 +134,10 @@ def main(argv: list[str] | None = None) -> int:
         f"Table epochs: ceil({EPOCH_FACTOR:g} x epochs at the selected step), at least {MIN_EPOCHS}, at most the "
         "grid's epochs (room for methods slower than LoRA; the table still selects its step on validation).",
     ]
+    stale = Counter(f for r in runs for f in missing_fixes(r.config))
+    if stale:  # the choice stands as made, but a reader must know which runs predate a fix that changes results
+        lines += ["", "Runs made before a result-changing fix (identity.RESULT_FIXES): "
+                  + "; ".join(f"{n} of {len(runs)} before `{f}`" for f, n in sorted(stale.items())) + "."]  # fmt: skip
     lines += ["", "Curves of every setting: grid_curves.png (validation chooses; dev is drawn, never used).", ""]
     ct = compute_table(runs)
     if ct:
