@@ -240,7 +240,7 @@ def _run_locked(cfg: DictConfig, run_dir: Path, ident: dict, acc: Accelerator, m
                           int(cfg.seed), ckpt_root, config_hash=ident["config_hash"])  # fmt: skip
         if resume_state is not None:
             log.info("resuming from %s (step %d)", ckpt_root, resume_state["loop"]["step"])
-        result = trainer.fit(resume_state)
+        result = trainer.fit(resume_state, eval_time_before=head_fit["seconds"] if head_fit else 0.0)
     except BaseException as e:
         if main:
             status = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"

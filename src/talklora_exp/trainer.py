@@ -271,15 +271,17 @@ class Trainer:
         if not torch.isfinite(run_loss).all():
             raise FloatingPointError(f"non-finite training loss at step {step}; the last good checkpoint is kept")
 
-    def fit(self, resume: dict[str, Any] | None = None) -> FitResult:
+    def fit(self, resume: dict[str, Any] | None = None, eval_time_before: float = 0.0) -> FitResult:
+        """Train, select, report. `eval_time_before`: seconds of forward passes made for this run before training (the
+        cosine head's fit on train), counted as evaluation time so the compute tables include them."""
         cfg, acc = self.cfg, self.acc
         log_every = int(cfg.log_every)
         stats_every = int(cfg.routing_stats_every) if cfg.routing_stats_every else 0
         ckpt_every = int(cfg.checkpoint_every) if cfg.get("checkpoint_every") else 0
         rec = self.hooks.routing
         pending_rng: dict[str, Any] | None = None
-        v: dict[str, Any] = dict(step=0, samples=0, epoch=0, batch_in_epoch=0, train_time=0.0, eval_time=0.0,
-                                 best_score=None, best_step=0,
+        v: dict[str, Any] = dict(step=0, samples=0, epoch=0, batch_in_epoch=0, train_time=0.0,
+                                 eval_time=float(eval_time_before), best_score=None, best_step=0,
                                  best_val=None, best_eval=None, best_routing=None, best_snap=None, best_preds=None,
                                  last_eval=None, run_loss=0.0, n_micro=0, epoch_gen_state=None)  # fmt: skip
         if resume is not None:
