@@ -1,5 +1,5 @@
 """model.pair_encoding: siamese (each sentence of a GLUE pair encoded alone, the head reading [u, v, |u-v|, u*v]) and
-cosine (the same two towers, a 2-parameter head on their cosine, fitted on train before fine-tuning)."""
+cosine (the same two towers, a Linear(1, labels) head on their cosine, fitted on train before fine-tuning)."""
 
 import json
 import math

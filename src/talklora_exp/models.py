@@ -216,7 +216,7 @@ class CosineHead(torch.nn.Module):
     """`model.pair_encoding=cosine`: each sentence encoded alone (as for siamese), mean-pooled without the pooler's
     dense + tanh, and a Linear(1, num_labels) reads the cosine of the two embeddings. This is the readout
     all-MiniLM-L6-v2 was trained for (its contrastive loss compares cosines), so the frozen model already separates
-    pairs with it; `fit_cosine_head` fits the two numbers on the training split before fine-tuning (a linear probe,
+    pairs with it; `fit_cosine_head` fits its weights on the training split before fine-tuning (a linear probe,
     then fine-tuning: Kumar et al. 2022, LP-FT), so the adapters start from that readout instead of a random head."""
 
     def __init__(self, num_labels: int, init_std: float):
