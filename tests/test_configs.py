@@ -215,6 +215,9 @@ def test_readme_results_match_the_committed_tables():
 
     total = all_row((tables / "compute.md").read_text())
     grids = all_row((ROOT / "results" / "repro" / "glue_lr_grid" / "choice.md").read_text())
-    assert f"| table (step 5), as landed | {total[2]} | {total[7]} ({total[5]} training, {total[6]} evaluation) |" in readme
+    assert (
+        f"| table (step 5), as landed | {total[2]} | {total[7]} ({total[5]} training, {total[6]} evaluation) |"
+        in readme
+    )
     assert f"| grids (steps 1–3, 2b) | {grids[2]} | {grids[7]} " in readme
     assert f"**{float(total[7]) + float(grids[7]):.1f}**" in readme
