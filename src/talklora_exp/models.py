@@ -253,10 +253,8 @@ def apply_pair_encoding(model: Any, mode: str) -> Any:
         pooler = model.base_model.pooler
         if not isinstance(pooler, MeanPooler):
             raise UserError("model.pair_encoding=cosine reads mean-pooled sentence embeddings; set model.pooling=mean")
-        pooler.dense, pooler.activation = (
-            torch.nn.Identity(),
-            torch.nn.Identity(),
-        )  # the embedding the model was trained on
+        pooler.dense = torch.nn.Identity()  # the plain mean: the embedding the model was trained on
+        pooler.activation = torch.nn.Identity()
         if isinstance(getattr(model, "dropout", None), torch.nn.Dropout):
             model.dropout = torch.nn.Identity()  # dropout on the embedding would only add noise to a 1-feature head
         model.classifier = CosineHead(clf.out_features, std)
@@ -295,7 +293,6 @@ def fit_cosine_head(model: Any, loader: Any, regression: bool, device: torch.dev
         raise RuntimeError("fit_cosine_head: more than one CosineHead ran in one forward pass")
     head = heads[used]  # the one the forward pass reads (peft's trainable copy)
     x, y = torch.cat(rows).double().numpy(), torch.cat(labels).numpy()
-    w = head.out.weight
     if regression:
         lr = LinearRegression().fit(x, y)
         weight, bias = torch.tensor([[lr.coef_[0]]]), torch.tensor([lr.intercept_])
@@ -305,7 +302,7 @@ def fit_cosine_head(model: Any, loader: Any, regression: bool, device: torch.dev
         if coef.shape[0] == 1:  # binary: sklearn gives class 1's logit against class 0's (fixed at 0)
             coef, icpt = torch.cat([torch.zeros_like(coef), coef]), torch.cat([torch.zeros_like(icpt), icpt])
         weight, bias = coef, icpt
-    w.copy_(weight.to(w.dtype))
-    head.out.bias.copy_(bias.to(w.dtype))
+    head.out.weight.copy_(weight.to(head.out.weight.dtype))
+    head.out.bias.copy_(bias.to(head.out.bias.dtype))
     return {"n_train": len(y), "weight": [round(float(v), 6) for v in weight.flatten()],
             "bias": [round(float(v), 6) for v in bias.flatten()], "train_score": round(float(lr.score(x, y)), 6)}  # fmt: skip
