@@ -306,6 +306,27 @@ def test_a_different_config_in_a_cell_is_left_out_not_averaged(runs: Path, tmp_p
     assert "rte-lora-4-edited" in left and "config differs from the 3 other run(s) of its cell" in left
 
 
+def test_cells_group_by_the_recorded_config_under_todays_identity_rules(runs: Path, tmp_path: Path):
+    """A run recorded with a key that has since stopped counting (identity.NOT_RESULTS: here the GLUE presets'
+    lookup table) stays in its cell although metrics.json holds the old group hash; a real difference is left out."""
+    from talklora_exp.identity import group_hash
+
+    cfg = {"seed": 1, "method.name": "lora", "trainer.lr": 0.001}
+    for d in sorted(runs.glob("rte-lora-*")):
+        (d / "identity.json").write_text(json.dumps({"config": {**cfg, "seed": int(d.name.split("-")[2])}}))
+    write_run(runs, "rte", "lora", 4, 0.80, group_hash="recorded-with-the-table")
+    old = {**cfg, "seed": 4, "glue_choice.lr.rte": 0.002}
+    (runs / "rte-lora-4-recorded-with-the-table" / "identity.json").write_text(json.dumps({"config": old}))
+    write_run(runs, "rte", "lora", 5, 0.10, group_hash="edited")
+    (runs / "rte-lora-5-edited" / "identity.json").write_text(json.dumps({"config": {**cfg, "trainer.lr": 0.01}}))
+    assert group_hash(old) == group_hash(cfg)
+    analysis_main([str(runs), "--out", str(tmp_path / "o"), "--no-plots"])
+    left = (tmp_path / "o" / "tables" / "left_out.md").read_text()
+    assert "rte-lora-5-edited" in left and "rte-lora-4-recorded-with-the-table" not in left
+    lora_row = (tmp_path / "o" / "tables" / "glue.md").read_text().split("| LoRA |")[1].splitlines()[0]
+    assert "| 80.00 ± 0.82 |" in lora_row  # four seeds: the one recorded with the table is averaged in
+
+
 def test_any_method_appears_in_every_table_and_figure(runs: Path, tmp_path: Path, monkeypatch):
     """A method the analysis has never heard of ("toylora") gets a row, a significance comparison when named as a
     baseline, and a line/panel in every figure (no hard-coded method lists)."""

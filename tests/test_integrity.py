@@ -200,3 +200,24 @@ def test_a_result_changing_fix_orphans_only_the_runs_it_changes():
         ["method=lora", "model.head_modules=[classifier]"],
     ):
         assert not any(k.startswith("fix.") for k in identity(compose_cfg([*over, "task=glue/rte"]))["config"])
+
+
+def test_a_lookup_table_acts_only_through_the_keys_it_resolves_into():
+    """The GLUE presets' per-task table (`glue_choice`) is not part of a run's identity: changing RTE's choice leaves
+    a CoLA run the same run (it never reads RTE's entry), changes the RTE run, and a run recorded with the table in
+    its identity (before the key was listed) is still that run and still groups with the runs recorded after."""
+    from talklora_exp.identity import group_hash, same_config
+
+    def ident(task: str, *over: str) -> dict:
+        return identity(compose_cfg(["experiment=glue_table", "method=lora", f"task=glue/{task}", *over]))
+
+    cola, rte = ident("cola"), ident("rte")
+    assert not any(k.startswith("glue_choice") for k in cola["config"])
+    assert ident("cola", "glue_choice.lr.rte=0.005") == cola
+    moved = ident("rte", "glue_choice.lr.rte=0.005")
+    assert diff_keys(rte["config"], moved["config"]) == ["trainer.lr: 0.001 -> 0.005"]
+    recorded_config = {**cola["config"], "glue_choice.lr.rte": 0.002, "glue_choice.pair_encoding.rte": "cross"}
+    recorded = {"config_hash": "made-with-the-table", "config": recorded_config}
+    assert same_config(recorded, cola) and group_hash(recorded_config) == cola["group_hash"]
+    edited = {"config_hash": "x", "config": {**recorded_config, "trainer.lr": 0.01}}
+    assert not same_config(edited, cola) and group_hash(edited["config"]) != cola["group_hash"]

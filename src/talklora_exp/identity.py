@@ -17,7 +17,8 @@ from omegaconf import DictConfig, OmegaConf
 from .errors import UserError
 
 # Keys (and key prefixes) that cannot change what a run computes: progress display, logging, checkpoint cadence,
-# resuming, paths, launcher/sweep bookkeeping. Everything else is part of the run's identity.
+# resuming, paths, launcher/sweep bookkeeping, and lookup tables that act only through keys they resolve into.
+# Everything else is part of the run's identity. A key moved here later stops counting for runs recorded with it too.
 NOT_RESULTS = (
     "trainer.progress",
     "trainer.resume",
@@ -32,6 +33,10 @@ NOT_RESULTS = (
     "tag",
     "sweep_name",
     "dry_run",
+    # the GLUE presets' per-task choices (conf/glue_table_choice.yaml): a run uses them only through trainer.lr,
+    # trainer.epochs, trainer.max_train_samples and model.pair_encoding, which are in its identity; the whole table
+    # in it would make a CoLA run mismatch when RTE's choice changes
+    "glue_choice",
 )
 # Keys added after runs were made, with the value that does what those runs did. At that value a key is left out of
 # the hash, so adding a key (with its old behaviour as default) never turns finished runs into mismatches; any other
@@ -79,28 +84,40 @@ def _at_old_behaviour(key: str, value: Any) -> bool:
     return key in ADDED_WITH_DEFAULT and value == ADDED_WITH_DEFAULT[key]
 
 
+def current_keys(recorded: dict[str, Any]) -> dict[str, Any]:
+    """A recorded flat config under today's rules: keys since listed in NOT_RESULTS, or sitting at their old
+    behaviour, dropped. Recorded `fix.*` marks are kept as they are (they say what code made the run)."""
+    return {k: v for k, v in recorded.items() if not _excluded(k) and not _at_old_behaviour(k, v)}
+
+
 def same_config(stored: dict[str, Any] | None, new: dict[str, Any]) -> bool:
-    """Whether a run dir's recorded identity is this config: equal hashes, or equal configs once keys sitting at their
-    old behaviour are dropped (a run recorded with such a key spelled out, before it was listed, is the same run)."""
+    """Whether a run dir's recorded identity is this config: equal hashes, or equal configs under today's rules (a run
+    recorded before a key was listed as not a result, or as added with its old behaviour, is the same run)."""
     if stored is None:
         return False
     if stored.get("config_hash") == new["config_hash"]:
         return True
-    old = {k: v for k, v in (stored.get("config") or {}).items() if not _at_old_behaviour(k, v)}
+    old = current_keys(stored.get("config") or {})
     return bool(old) and old == new["config"]
+
+
+def group_hash(recorded: dict[str, Any]) -> str:
+    """The group hash (config without the seed) of a recorded flat config under today's rules: runs of one table cell
+    recorded before and after a key stopped counting still group together."""
+    return _hash({k: v for k, v in current_keys(recorded).items() if k != "seed"})
+
+
+def _hash(d: dict) -> str:
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def identity(cfg: DictConfig | dict) -> dict[str, Any]:
     """{"config_hash", "group_hash" (the same without the seed: runs of one table cell share it), "config": flat}."""
     container = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
-    flat = {k: v for k, v in sorted(_flatten(container).items()) if not _excluded(k) and not _at_old_behaviour(k, v)}
+    flat = current_keys(_flatten(container))
     flat.update({f"fix.{name}": True for name, applies in RESULT_FIXES.items() if applies(flat)})
     flat = dict(sorted(flat.items()))
-
-    def h(d: dict) -> str:
-        return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-    return {"config_hash": h(flat), "group_hash": h({k: v for k, v in flat.items() if k != "seed"}), "config": flat}
+    return {"config_hash": _hash(flat), "group_hash": group_hash(flat), "config": flat}
 
 
 def diff_keys(old: dict[str, Any], new: dict[str, Any]) -> list[str]:

@@ -10,6 +10,8 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+from ..identity import group_hash
+
 
 @dataclass
 class Run:
@@ -35,6 +37,12 @@ class Run:
         """The run's flat resolved config (identity.json "config"), read once; {} for runs without one."""
         p = self.dir / "identity.json"
         return json.loads(p.read_text()).get("config", {}) if p.exists() else {}
+
+    @property
+    def group(self) -> str | None:
+        """The cell's config without the seed: recomputed from identity.json under today's identity rules, so a key
+        that has since stopped counting (identity.NOT_RESULTS) does not split a cell; metrics.json's hash otherwise."""
+        return group_hash(self.config) if self.config else self.metrics.get("group_hash")
 
     @property
     def main_value(self) -> float | None:
@@ -96,14 +104,14 @@ def one_config_per_cell(runs: list[Run]) -> tuple[list[Run], list[tuple[Path, st
         cells[r.key].append(r)
     keep, out = [], []
     for _key, rs in sorted(cells.items()):
-        counts = Counter(r.metrics.get("group_hash") for r in rs)
+        counts = Counter(r.group for r in rs)
         top = max(sorted(counts, key=str), key=lambda h: counts[h])
         for r in sorted(rs, key=lambda r: str(r.dir)):
-            if r.metrics.get("group_hash") == top:
+            if r.group == top:
                 keep.append(r)
             else:
                 out.append((r.dir, f"config differs from the {counts[top]} other run(s) of its cell "
-                                   f"(group hash {r.metrics.get('group_hash')} vs {top})"))  # fmt: skip
+                                   f"(group hash {r.group} vs {top})"))  # fmt: skip
     return keep, out
 
 
