@@ -203,19 +203,20 @@ def test_a_result_changing_fix_orphans_only_the_runs_it_changes():
 
 
 def test_a_lookup_table_acts_only_through_the_keys_it_resolves_into():
-    """The GLUE presets' per-task table (`glue_choice`) is not part of a run's identity: changing RTE's choice leaves
-    a CoLA run the same run (it never reads RTE's entry), changes the RTE run, and a run recorded with the table in
-    its identity (before the key was listed) is still that run and still groups with the runs recorded after."""
+    """The GLUE presets' per-task tables (`glue_choice`, `glue_schedule`) are not part of a run's identity: changing
+    RTE's entry leaves a CoLA run the same run (it never reads RTE's entry), changes the RTE run, and a run recorded
+    with the table in its identity (before the key was listed) is still that run and still groups with the runs
+    recorded after."""
     from talklora_exp.identity import group_hash, same_config
 
     def ident(task: str, *over: str) -> dict:
         return identity(compose_cfg(["experiment=glue_table", "method=lora", f"task=glue/{task}", *over]))
 
     cola, rte = ident("cola"), ident("rte")
-    assert not any(k.startswith("glue_choice") for k in cola["config"])
-    assert ident("cola", "glue_choice.lr.rte=0.005") == cola
-    moved = ident("rte", "glue_choice.lr.rte=0.005")
-    assert diff_keys(rte["config"], moved["config"]) == ["trainer.lr: 0.001 -> 0.005"]
+    assert not any(k.startswith(("glue_choice", "glue_schedule")) for k in cola["config"])
+    assert ident("cola", "glue_choice.lr.rte=0.005", "glue_schedule.eval_every.rte=7") == cola
+    moved = ident("rte", "glue_choice.lr.rte=0.005", "glue_schedule.eval_every.rte=7")
+    assert diff_keys(rte["config"], moved["config"]) == ["trainer.eval_every: 35 -> 7", "trainer.lr: 0.001 -> 0.005"]
     recorded_config = {**cola["config"], "glue_choice.lr.rte": 0.002, "glue_choice.pair_encoding.rte": "cross"}
     recorded = {"config_hash": "made-with-the-table", "config": recorded_config}
     assert same_config(recorded, cola) and group_hash(recorded_config) == cola["group_hash"]

@@ -33,9 +33,10 @@ NOT_RESULTS = (
     "tag",
     "sweep_name",
     "dry_run",
-    # the GLUE presets' per-task choices (conf/glue_table_choice.yaml): a run uses them only through trainer.lr,
-    # trainer.epochs, trainer.max_train_samples and model.pair_encoding, which are in its identity; the whole table
-    # in it would make a CoLA run mismatch when RTE's choice changes
+    # the GLUE presets' per-task tables (conf/glue_repro_schedule.yaml, conf/glue_table_choice.yaml): a run uses
+    # them only through the trainer.*/task.*/model.* keys they resolve into, which are in its identity; the whole
+    # table in it would make a CoLA run mismatch when RTE's entry changes
+    "glue_schedule",
     "glue_choice",
 )
 # Keys added after runs were made, with the value that does what those runs did. At that value a key is left out of
