@@ -56,6 +56,12 @@ def _env(data):
     return {**os.environ, "HF_HUB_OFFLINE": "1", "TALKLORA_DATA_DIR": str(data), "OMP_NUM_THREADS": "1"}
 
 
+def _run_files(runs) -> dict:
+    """Every file a run dir commits (Hydra's .hydra/ record and the lock stay out of git), byte for byte."""
+    return {str(f): f.read_bytes() for d in runs for f in sorted(d.rglob("*"))
+            if f.is_file() and ".hydra" not in f.parts and f.name != ".lock"}  # fmt: skip
+
+
 @pytest.mark.slow
 def test_editing_a_preset_stops_the_sweep_naming_the_key(glue_dir, tmp_path):
     conf = tmp_path / "conf"
@@ -79,11 +85,17 @@ def test_editing_a_preset_stops_the_sweep_naming_the_key(glue_dir, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     runs = sorted(m.parent for m in (tmp_path / "res" / "sweeps" / "tiny").rglob("metrics.json"))
     assert len(runs) == 2 and all(json.loads((d / "metrics.json").read_text())["status"] == "completed" for d in runs)
+    before = _run_files(runs)
+    r = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)  # the same sweep again
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (r.stdout + r.stderr).count("skip: ") == 2
+    assert _run_files(runs) == before  # skipping wrote nothing into the finished runs (their log included)
     preset.write_text(body.replace("lr: 1.0e-3", "lr: 5.0e-3"))
     r = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 2
     err = r.stderr.strip().splitlines()
     assert len(err) == 1 and "trainer.lr: 0.001 -> 0.005" in err[0] and "overwrite=true" in err[0]
+    assert _run_files(runs) == before  # refused: nothing of the finished runs changed
     r = subprocess.run([*args, "overwrite=true"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     assert all(json.loads((d / "identity.json").read_text())["config"]["trainer.lr"] == 5e-3 for d in runs)

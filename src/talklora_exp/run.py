@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -149,17 +151,34 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
         lock.release()
 
 
+@contextlib.contextmanager
+def _log_outside(run_dir: Path) -> Iterator[None]:
+    """Log without writing into run_dir: Hydra's job log handler points into the run dir, and a message about a
+    finished run (a sweep skipping it) must leave that run's committed files byte for byte as they were."""
+    root, inside = logging.getLogger(), run_dir.resolve()
+    held = [h for h in root.handlers
+            if isinstance(h, logging.FileHandler) and Path(h.baseFilename).resolve().is_relative_to(inside)]  # fmt: skip
+    for h in held:
+        root.removeHandler(h)
+    try:
+        yield
+    finally:
+        for h in held:
+            root.addHandler(h)
+
+
 def _run_locked(cfg: DictConfig, run_dir: Path, ident: dict, acc: Accelerator, mp: str) -> dict[str, Any] | None:
     tcfg, main = cfg.trainer, acc.is_main_process
     overwrite = bool(cfg.get("overwrite", False))
     stored = read_identity(run_dir)
     if read_status(run_dir) == "completed" and not overwrite:
         if same_config(stored, ident):
-            log.info(
-                "skip: %s already completed (same config hash %s; overwrite=true to redo)",
-                run_dir,
-                ident["config_hash"],
-            )
+            with _log_outside(run_dir):
+                log.info(
+                    "skip: %s already completed (same config hash %s; overwrite=true to redo)",
+                    run_dir,
+                    ident["config_hash"],
+                )
             return None
         raise mismatch_error(run_dir, "it holds a completed run", stored, ident)
     if tcfg.get("deterministic"):
