@@ -500,3 +500,26 @@ def test_trivial_predictor_row_and_line_from_the_runs_data(tmp_path: Path, monke
     )
     learning_curves(runs, tmp_path / "figs", trivial_scores(runs))
     assert sorted(y for _, y in drawn) == [0.0, 0.0, 0.6, 0.75]  # CoLA dev and val, RTE dev and val; none for STS-B
+
+
+def test_convergence_table_hand_computed(tmp_path: Path):
+    """Two seeds with hand-made curves: where the chosen step falls, first -> chosen on validation and dev, best dev,
+    dev's band within a run, and how often the chosen step is also the best dev step."""
+    root = tmp_path / "runs"
+    curves = {1: ([0.5, 0.7, 0.6], [0.55, 0.65, 0.70], 20), 2: ([0.6, 0.65, 0.8], [0.6, 0.62, 0.66], 30)}
+    for seed, (val, dev, chosen) in curves.items():
+        write_run(root, "mrpc", "talklora", seed, dev[chosen // 10 - 1])
+        d = root / f"mrpc-talklora-{seed}-g1"
+        m = json.loads((d / "metrics.json").read_text())
+        m.update(total_steps=50, selection={**m["selection"], "step": chosen})
+        (d / "metrics.json").write_text(json.dumps(m))
+        log = [{"step": 10 * (i + 1), "val": {"loss": 0.5, "accuracy": v}, "eval": {"accuracy": e}}
+               for i, (v, e) in enumerate(zip(val, dev, strict=True))]  # fmt: skip
+        (d / "train_log.jsonl").write_text("".join(json.dumps(x) + "\n" for x in log))
+    out = tmp_path / "out"
+    assert analysis_main([str(root), "--out", str(out), "--no-plots"]) == 0
+    md = (out / "tables" / "convergence.md").read_text()
+    assert (
+        "| MRPC | TalkLoRA | 2 | 3 | 0.50 (0.40–0.60) | 55.00 → 75.00 | 57.50 → 65.50 | 68.00 | 6.0–15.0 | 1 of 2 |"
+        in md
+    )

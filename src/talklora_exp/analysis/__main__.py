@@ -8,7 +8,16 @@ from pathlib import Path
 
 from .collect import collect
 from .plots import all_plots
-from .tables import GLUE_LABEL, GLUE_ORDER, Compare, compute_table, failed_table, routing_table, score_table
+from .tables import (
+    GLUE_LABEL,
+    GLUE_ORDER,
+    Compare,
+    compute_table,
+    convergence_table,
+    failed_table,
+    routing_table,
+    score_table,
+)
 from .trivial import trivial_scores
 
 CS_ORDER = ["boolq", "piqa", "social_i_qa", "hellaswag", "winogrande", "ARC-Easy", "ARC-Challenge", "openbookqa"]
@@ -49,6 +58,10 @@ def main(argv: list[str] | None = None) -> int:
     if rt:
         rt.write(tables_dir, "routing")
         written.append("routing")
+    cv = convergence_table(runs)
+    if cv:
+        cv.write(tables_dir, "convergence")
+        written.append("convergence")
     ct = compute_table(collect(args.dirs, one_config=False)[0])  # every completed run cost compute, grids included
     if ct:
         ct.write(tables_dir, "compute")

@@ -265,6 +265,70 @@ def routing_table(runs: list[Run]) -> Table | None:
     return Table("Routing balance", ["Task", "Method", "Seeds"] + [c[1] for c in ROUTING_COLS], rows, note)
 
 
+def eval_curve(run: Run) -> list[tuple[int, float, float | None]]:
+    """(step, validation main metric, dev main metric) at each evaluation during training, in step order."""
+    main = run.metrics.get("main_metric", "")
+    pts = [(int(e["step"]), e["val"][main], (e.get("eval") or {}).get(main))
+           for e in run.log if main in (e.get("val") or {})]  # fmt: skip
+    return sorted(pts)
+
+
+def _mean100(v: list[float]) -> str:
+    return f"{100 * np.mean(v):.2f}" if v else "–"
+
+
+def _span(v: list[float], scale: float = 100.0, digits: int = 1) -> str:
+    """min–max over seeds (one value when they all print the same)."""
+    if not v:
+        return "–"
+    lo, hi = f"{scale * min(v):.{digits}f}", f"{scale * max(v):.{digits}f}"
+    return lo if lo == hi else f"{lo}–{hi}"
+
+
+def convergence_table(runs: list[Run]) -> Table | None:
+    """Did each run converge, and how much did fine-tuning add to its first evaluation? Per task and method, over
+    seeds: where the step chosen on validation falls in training, the validation and dev score at the first
+    evaluation and at the chosen step, the best dev score of any evaluation (shown, never used), how wide dev moves
+    over the evaluations, and how often the chosen step is also the best dev step. A step chosen at the end says the
+    schedule may be short; a narrow band and first ≈ chosen say the task's number was mostly there at the start."""
+    groups = by_seed([r for r in runs if (r.metrics.get("selection") or {}).get("step") is not None and eval_curve(r)])
+    if not groups:
+        return None
+    rows = []
+    for key in sorted(groups, key=lambda k: (k[4], k[3], _order([k[1]], GLUE_ORDER)[0],
+                                             METHOD_ORDER.index(k[2]) if k[2] in METHOD_ORDER else 9, k[2])):  # fmt: skip
+        rs = list(groups[key].values())
+        frac, v0, v1, d0, d1, best, band, hits = [], [], [], [], [], [], [], 0
+        for r in rs:
+            pts = eval_curve(r)
+            sel = int(r.metrics["selection"]["step"])
+            at = next((p for p in pts if p[0] == sel), pts[-1])
+            frac.append(sel / int(r.metrics.get("total_steps") or pts[-1][0]))
+            v0.append(pts[0][1])
+            v1.append(at[1])
+            dev = [p[2] for p in pts if p[2] is not None]
+            if dev and pts[0][2] is not None and at[2] is not None:
+                d0.append(pts[0][2])
+                d1.append(at[2])
+                best.append(max(dev))
+                band.append(max(dev) - min(dev))
+                hits += math.isclose(at[2], max(dev))
+        spread = _span(frac, 1.0, 2)
+        chosen = f"{np.mean(frac):.2f}" + (f" ({spread})" if "–" in spread else "")
+        rows.append([GLUE_LABEL.get(key[1], key[1]), label(key[2]), str(len(rs)),
+                     "/".join(map(str, sorted({len(eval_curve(r)) for r in rs}))), chosen,
+                     f"{_mean100(v0)} → {_mean100(v1)}", f"{_mean100(d0)} → {_mean100(d1)}", _mean100(best),
+                     _span(band), f"{hits} of {len(d1)}" if d1 else "–"])  # fmt: skip
+    note = ("Means over seeds of each run's main metric x100 at its first evaluation during training and at the step "
+            "chosen on validation (→); 'chosen at' is that step's fraction of the run's steps (mean, min–max over "
+            "seeds); 'best dev' is the highest dev score at any evaluation, and 'dev band' how far dev moves between "
+            "evaluations within a run (max − min, min–max over seeds): both are shown to read the curves, and neither "
+            "chooses anything. 'chosen = best dev' counts the runs whose chosen step is also their best dev step.")  # fmt: skip
+    header = ["Task", "Method", "Seeds", "Evals", "Chosen at", "Val: first → chosen", "Dev: first → chosen",
+              "Best dev", "Dev band", "Chosen = best dev"]  # fmt: skip
+    return Table("Convergence: the evaluations during training", header, rows, note)
+
+
 def compute_table(runs: list[Run]) -> Table | None:
     """Process-hours per task and method, summed over the runs found (training and, where recorded, the evaluations
     during and after it; both add up over resumes). The reproduction's compute is read from the committed runs, not
