@@ -291,7 +291,8 @@ def convergence_table(runs: list[Run]) -> Table | None:
     evaluation and at the chosen step, the best dev score of any evaluation (shown, never used), how wide dev moves
     over the evaluations, and how often the chosen step is also the best dev step. A step chosen at the end says the
     schedule may be short; a narrow band and first ≈ chosen say the task's number was mostly there at the start."""
-    groups = by_seed([r for r in runs if (r.metrics.get("selection") or {}).get("step") is not None and eval_curve(r)])
+    curves = {r.dir: eval_curve(r) for r in runs}  # read each run's log once
+    groups = by_seed([r for r in runs if (r.metrics.get("selection") or {}).get("step") is not None and curves[r.dir]])
     if not groups:
         return None
     rows = []
@@ -300,7 +301,7 @@ def convergence_table(runs: list[Run]) -> Table | None:
         rs = list(groups[key].values())
         frac, v0, v1, d0, d1, best, band, hits = [], [], [], [], [], [], [], 0
         for r in rs:
-            pts = eval_curve(r)
+            pts = curves[r.dir]
             sel = int(r.metrics["selection"]["step"])
             at = next((p for p in pts if p[0] == sel), pts[-1])
             frac.append(sel / int(r.metrics.get("total_steps") or pts[-1][0]))
@@ -316,7 +317,7 @@ def convergence_table(runs: list[Run]) -> Table | None:
         spread = _span(frac, 1.0, 2)
         chosen = f"{np.mean(frac):.2f}" + (f" ({spread})" if "–" in spread else "")
         rows.append([GLUE_LABEL.get(key[1], key[1]), label(key[2]), str(len(rs)),
-                     "/".join(map(str, sorted({len(eval_curve(r)) for r in rs}))), chosen,
+                     "/".join(map(str, sorted({len(curves[r.dir]) for r in rs}))), chosen,
                      f"{_mean100(v0)} → {_mean100(v1)}", f"{_mean100(d0)} → {_mean100(d1)}", _mean100(best),
                      _span(band), f"{hits} of {len(d1)}" if d1 else "–"])  # fmt: skip
     note = ("Means over seeds of each run's main metric x100 at its first evaluation during training and at the step "
