@@ -9,6 +9,7 @@ import pytest
 import torch
 from accelerate.data_loader import prepare_data_loader
 from conftest import compose_cfg
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 from torch.utils.data import DataLoader
 
 from talklora_exp.trainer import LengthGroupedBatchSampler, set_epoch
@@ -53,27 +54,53 @@ TINY = ["method=talklora", "task=glue/sst2", "trainer.max_steps=6", "trainer.eva
         "+model.hf_config={hidden_dropout_prob:0.0,attention_probs_dropout_prob:0.0}"]  # fmt: skip
 
 
-@pytest.mark.slow
-def test_grad_accum_matches_the_full_batch_and_routing_snapshots_once_per_step(glue_dir, tmp_path):
-    from safetensors.torch import load_file
-
+def _run_recording_grads(cfg, run_dir):
+    """Run and record, at every optimizer step, the gradients the optimizer is about to apply (a global pre-hook:
+    accelerate's wrapper calls the inner AdamW only when an accumulation cycle ends)."""
     from talklora_exp.run import run
 
-    full = run(compose_cfg([*TINY, f"paths.data_dir={glue_dir}", "trainer.batch_size=8"]), tmp_path / "full")
-    acc = run(compose_cfg([*TINY, f"paths.data_dir={glue_dir}", "trainer.batch_size=4", "trainer.grad_accum=2",
-                           "trainer.routing_stats_every=2"]), tmp_path / "acc")  # fmt: skip
-    assert acc["total_steps"] == full["total_steps"] == 6
+    grads: list[list[torch.Tensor]] = []
+
+    def hook(opt, args, kwargs):
+        grads.append([p.grad.detach().clone() for g in opt.param_groups for p in g["params"] if p.grad is not None])
+
+    handle = register_optimizer_step_pre_hook(hook)
+    try:
+        out = run(cfg, run_dir)
+    finally:
+        handle.remove()
+    return out, grads
+
+
+@pytest.mark.slow
+def test_grad_accum_matches_the_full_batch_and_routing_snapshots_once_per_step(glue_dir, tmp_path):
+    """2 micro-batches of 4 must give the gradient of one batch of 8. Compared where the comparison is sharp: the first
+    step's gradients, taken from identical weights, agree up to float32 summation order: relative 1e-5 of each
+    tensor's norm (~256 tokens x 384 features summed in another order, eps 6e-8; 2e-7 measured). The weights after
+    AdamW are not compared: AdamW is invariant to the gradient's scale, so they cannot show a mis-scaled accumulation,
+    and it amplifies float noise on near-zero gradients to ~lr-sized moves (1.2e-5 seen), so no float32 tolerance fits.
+    Later steps start from weights that differ by that noise, so each step is checked by its global gradient norm
+    and loss (relative 1e-4; 1e-7 measured). A wrong scale or a dropped micro-batch moves them by tens of percent."""
+    full, g_full = _run_recording_grads(
+        compose_cfg([*TINY, f"paths.data_dir={glue_dir}", "trainer.batch_size=8"]), tmp_path / "full"
+    )
+    acc, g_acc = _run_recording_grads(
+        compose_cfg([*TINY, f"paths.data_dir={glue_dir}", "trainer.batch_size=4", "trainer.grad_accum=2",
+                     "trainer.routing_stats_every=2"]), tmp_path / "acc")  # fmt: skip
+    assert acc["total_steps"] == full["total_steps"] == 6 and len(g_acc) == len(g_full) == 6
+    assert len(g_acc[0]) == len(g_full[0]) > 0
+    assert any(b.norm() > 0 for b in g_full[0])
+    for a, b in zip(g_acc[0], g_full[0]):
+        assert (a - b).norm() <= 1e-5 * b.norm() + 1e-12
     logs = {
         k: [json.loads(x) for x in (tmp_path / k / "train_log.jsonl").read_text().splitlines()] for k in ("full", "acc")
     }
     la = [r["loss"] for r in logs["acc"] if "loss" in r]
     lf = [r["loss"] for r in logs["full"] if "loss" in r]
-    assert la == pytest.approx(lf, rel=1e-4)  # 2 x 4 accumulated = one batch of 8, step by step
-    a, b = (
-        load_file(str(tmp_path / "acc/adapter/adapter_model.safetensors")),
-        load_file(str(tmp_path / "full/adapter/adapter_model.safetensors")),
-    )
-    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    assert len(la) == 6 and la == pytest.approx(lf, rel=1e-4)  # 2 x 4 accumulated = one batch of 8, step by step
+    na = [r["grad_norm"] for r in logs["acc"] if "loss" in r]
+    nf = [r["grad_norm"] for r in logs["full"] if "loss" in r]
+    assert na == pytest.approx(nf, rel=1e-4) and min(nf) > 0
     snaps = [r["step"] for r in logs["acc"] if "routing_train" in r]
     assert snaps == [2, 4, 6]  # one routing snapshot per optimizer step, not per micro-batch
 

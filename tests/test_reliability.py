@@ -145,14 +145,18 @@ def test_two_processes_match_one_with_same_global_batch(glue_dir, tmp_path):
     m2 = json.loads((tmp_path / "two" / "metrics.json").read_text())
     assert m2["num_processes"] == 2 and m2["eval_counts"] == m1["eval_counts"] == {"dev": 15}
     assert m2["train_samples_per_s"] > 0 and m1["eval"] == m2["eval"]
-    # gradients averaged across processes: the same loss at every step and the same adapter, up to float rounding
+    # gradients averaged across processes: the same loss and the same gradient norm at every step, up to float32
+    # summation order (relative 1e-4; see test_loop's accumulation test for why the weights after AdamW are not compared:
+    # AdamW hides a mis-scaled gradient and amplifies float noise on near-zero gradients to ~lr-sized moves)
     logs = {
         k: [json.loads(x) for x in (tmp_path / k / "train_log.jsonl").read_text().splitlines()] for k in ("one", "two")
     }
     losses = {k: [r["loss"] for r in v if "loss" in r] for k, v in logs.items()}
     assert len(losses["one"]) == 8 and losses["two"] == pytest.approx(losses["one"], rel=1e-4)
+    norms = {k: [r["grad_norm"] for r in v if "loss" in r] for k, v in logs.items()}
+    assert min(norms["one"]) > 0 and norms["two"] == pytest.approx(norms["one"], rel=1e-4)
     a, b = _adapter(tmp_path / "one"), _adapter(tmp_path / "two")
-    assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+    assert a.keys() == b.keys()
 
 
 def _torchrun(glue_dir, tmp_path, *args):

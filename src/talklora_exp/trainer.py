@@ -267,6 +267,15 @@ class Trainer:
             "config_hash": self.config_hash,
         }
 
+    def _grad_norm(self, max_norm: float | None) -> torch.Tensor:
+        """The global L2 norm of the trainable gradients of this optimizer step, before clipping (clipped to
+        `max_norm` when set). Logged: it is the check that accumulation and multi-process averaging give the gradient
+        of the full batch, which the loss and the weights after AdamW (invariant to the gradient's scale) cannot show."""
+        if max_norm:
+            return self.acc.clip_grad_norm_(self.trainable, float(max_norm)).detach()
+        grads = [p.grad.detach().norm() for p in self.trainable if p.grad is not None]
+        return torch.linalg.vector_norm(torch.stack(grads)) if grads else torch.zeros(())
+
     def _check_finite(self, run_loss: torch.Tensor, step: int) -> None:
         if not torch.isfinite(run_loss).all():
             raise FloatingPointError(f"non-finite training loss at step {step}; the last good checkpoint is kept")
@@ -335,8 +344,8 @@ class Trainer:
                         loss = self.model(**batch).loss
                         aux = self.hooks.aux_loss()
                         acc.backward(loss + aux if aux is not None else loss)
-                        if acc.sync_gradients and cfg.max_grad_norm:
-                            acc.clip_grad_norm_(self.trainable, float(cfg.max_grad_norm))
+                        if acc.sync_gradients:
+                            grad_norm = self._grad_norm(cfg.max_grad_norm)
                         self.opt.step()
                         self.opt.zero_grad(set_to_none=True)
                     run_loss += loss.detach()
@@ -356,7 +365,8 @@ class Trainer:
                         self._check_finite(run_loss, step)
                         mean_loss = acc.reduce(run_loss, "mean").item() / v["n_micro"]
                         self.logger.log({"step": step, "epoch": v["epoch"], "loss": mean_loss,
-                                         "lr": self.sched.get_last_lr()[0], "samples": v["samples"]})  # fmt: skip
+                                         "grad_norm": float(grad_norm), "lr": self.sched.get_last_lr()[0],
+                                         "samples": v["samples"]})  # fmt: skip
                         post["loss"] = f"{mean_loss:.4f}"
                         pbar.set_postfix(post)
                         run_loss.zero_()
