@@ -114,6 +114,43 @@ def check_override_keys(argv: list[str]) -> str | None:
     return None
 
 
+# conf/hydra/default.yaml's override_dirname.exclude_keys: these never reach a sweep job's dir name
+_DIRNAME_EXCLUDED = ("hydra.", "hydra/", "experiment", "overwrite", "trainer.progress", "trainer.resume",
+                     "trainer.num_workers", "dry_run", "paths.")  # fmt: skip
+NAME_MAX = 255  # bytes per path component on Linux filesystems
+
+
+def check_dir_names(argv: list[str]) -> str | None:
+    """One line instead of Hydra's traceback when a sweep job's dir name (its overrides joined, Hydra's
+    override_dirname) or a given run/sweep dir would have a path component longer than the filesystem allows."""
+    try:
+        overrides = _parse(argv)
+    except Exception:
+        return None  # check_group_overrides reports parse errors
+    items = []
+    for o in overrides:
+        k = o.key_or_group
+        if k in ("hydra.run.dir", "hydra.sweep.dir"):
+            for part in str(o.value()).split("/"):
+                if len(part.encode()) > NAME_MAX:
+                    return (
+                        f"{k}: the path component {part[:40]!r}... is {len(part.encode())} bytes (at most {NAME_MAX})"
+                    )
+        elif not k.startswith(_DIRNAME_EXCLUDED):
+            try:
+                vals = list(o.sweep_string_iterator()) if o.is_discrete_sweep() else [o.get_value_element_as_str()]
+            except Exception:  # a glob or an interval: its values are config-group names or numbers, short
+                vals = [""]
+            items.append(f"{o.get_key_element()}={max(vals, key=len)}")
+    if not any(a in ("-m", "--multirun") for a in argv):
+        items = []  # a single run's dir is timestamped (hydra.run.dir), not named by its overrides
+    longest = max((len(p.encode()) for p in ",".join(sorted(items)).split("/")), default=0)
+    if longest > NAME_MAX:
+        return (f"a sweep job's dir name (its overrides joined) would be {longest} bytes, more than the {NAME_MAX} a file "
+                "name may have; shorten the values, or put long settings in an experiment config")  # fmt: skip
+    return None
+
+
 def _spread_over_gpus(hc: Any) -> None:
     """Local parallel sweeps (joblib) on a multi-GPU box: job i uses GPU i mod n. Distributed launches set their own."""
     if "LOCAL_RANK" in os.environ or hc.mode.name != "MULTIRUN":
@@ -146,7 +183,7 @@ DRY_RUN_JOBS: list[dict[str, Any]] = []
 
 def main() -> None:
     argv = sys.argv[1:]
-    err = check_group_overrides(argv) or check_override_keys(argv)
+    err = check_group_overrides(argv) or check_override_keys(argv) or check_dir_names(argv)
     argv = expand_group_globs(argv)
     if err:
         print(f"error: {err}", file=sys.stderr)
@@ -176,12 +213,23 @@ def main() -> None:
 
         logging.getLogger("talklora_exp").setLevel(logging.INFO)
         _spread_over_gpus(hc)
+
+        def record_hydra(run_dir: Path) -> None:  # what hydra.output_subdir=.hydra would write, written once ours
+            from omegaconf import OmegaConf
+
+            from .rundir import atomic_write_text
+
+            d = run_dir / ".hydra"
+            atomic_write_text(d / "config.yaml", OmegaConf.to_yaml(cfg))
+            atomic_write_text(d / "hydra.yaml", OmegaConf.to_yaml({"hydra": hc}))
+            atomic_write_text(d / "overrides.yaml", OmegaConf.to_yaml(list(hc.overrides.task)))
+
         try:
-            metrics = run(cfg, Path(hc.runtime.output_dir))
+            metrics = run(cfg, Path(hc.runtime.output_dir), on_claim=record_hydra)
         except ConfigMismatch as e:  # a decision for the user, not a job failure: stop the whole sweep
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
-        except (UserError, FloatingPointError) as e:
+        except (UserError, FloatingPointError) as e:  # OSError (disk full, read-only) arrives as a UserError
             print(f"error: {e}", file=sys.stderr)
             if multirun:  # keep sweeping; the run dir says "failed" and the tables list it
                 return None

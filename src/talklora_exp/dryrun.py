@@ -28,8 +28,8 @@ def arch_config(mcfg: Any, cache_dir: str | None, num_labels: int | None = None)
     else:
         path, kw = _source(mcfg, cache_dir)
         try:
-            conf = AutoConfig.from_pretrained(path, **kw)
-        except OSError as e:
+            conf = AutoConfig.from_pretrained(path, **kw, trust_remote_code=False)
+        except (OSError, ValueError) as e:
             raise UserError(
                 f"model {mcfg.name!r}: architecture unknown offline ({str(e).splitlines()[0][:120]}); add model.arch"
             ) from None

@@ -2,7 +2,8 @@
 
 The run is rebuilt from its `config.yaml` (rank already resolved) and `adapter/`; overrides use Hydra's syntax:
 `eval=upstream` (another decoding preset from conf/eval), `eval.num_beams=1`, `trainer.max_eval_samples=50`, and
-`split=val` to score the held-out validation split instead of the reported one. Results go to
+`split=val` to score the held-out validation split instead of the reported one. A run dir is untrusted input: its
+config never turns on `trust_remote_code` (pass `--trust-remote-code` to allow it) and only tensors are loaded. Results go to
 `RUN_DIR/evaluate-<overrides>.json`; the run's own `metrics.json` is never touched.
 """
 
@@ -48,7 +49,23 @@ def _apply(cfg: Any, overrides: list[str]) -> str:
     return split
 
 
-def evaluate_run(run_dir: Path, overrides: list[str] | None = None) -> tuple[dict[str, float], Path]:
+def _load_adapter(method: Any, model: Any, adapter_dir: Path) -> Any:
+    """The run's adapter into the rebuilt model; a deleted, truncated or foreign adapter file is one line."""
+    if not any(adapter_dir.glob("*.safetensors")):
+        raise UserError(f"{adapter_dir}: no adapter weights (*.safetensors); rerun the run to get one")
+    try:
+        return method.load(model, adapter_dir)
+    except UserError:
+        raise
+    except Exception as e:  # safetensors' header/length errors, a config that is not JSON, ...
+        raise UserError(
+            f"{adapter_dir}: cannot load the adapter ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
+        ) from None
+
+
+def evaluate_run(
+    run_dir: Path, overrides: list[str] | None = None, trust_remote_code: bool = False
+) -> tuple[dict[str, float], Path]:
     """(metrics, path written). The run must be completed and keep its adapter/."""
     from accelerate import Accelerator
     from torch.utils.data import DataLoader
@@ -62,16 +79,32 @@ def evaluate_run(run_dir: Path, overrides: list[str] | None = None) -> tuple[dic
         raise UserError(f"{run_dir}: not a completed run (metrics.json status is {read_status(run_dir)!r})")
     if not (run_dir / "adapter").is_dir():
         raise UserError(f"{run_dir}/adapter not found (adapters are not committed with result files; rerun to get one)")
-    cfg = OmegaConf.load(run_dir / "config.yaml")
+    try:
+        cfg = OmegaConf.load(run_dir / "config.yaml")
+    except Exception as e:  # missing, unreadable, not YAML
+        raise UserError(
+            f"{run_dir}/config.yaml: cannot read it ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
+        ) from None
+    if (
+        not OmegaConf.is_dict(cfg)
+        or not OmegaConf.is_dict(cfg.get("model"))
+        or not OmegaConf.is_dict(cfg.get("method"))
+    ):
+        raise UserError(f"{run_dir}/config.yaml is not a run config (no model/method sections)")
     with read_write(cfg), open_dict(cfg):
         cfg.budget = {"name": "none", "type": "none"}  # the rank is already resolved in config.yaml
+        # a run dir is untrusted input: its config never turns on remote code; only this command's flag does
+        if cfg.model.get("trust_remote_code") is True and not trust_remote_code:
+            raise UserError(f"{run_dir}/config.yaml sets model.trust_remote_code=true; evaluate runs no code from a "
+                            "run dir unless you pass --trust-remote-code")  # fmt: skip
+        cfg.model.trust_remote_code = bool(trust_remote_code)
     split = _apply(cfg, overrides)
     tcfg = cfg.trainer
     acc = Accelerator(
         mixed_precision=resolve_mixed_precision(str(tcfg.mixed_precision), bool(tcfg.cpu)), cpu=bool(tcfg.cpu)
     )
     b = build(cfg, acc)
-    model = b["method"].load(b["model"], run_dir / "adapter")
+    model = _load_adapter(b["method"], b["model"], run_dir / "adapter")
     data = load_data(cfg, b["task"], b["tokenizer"])
     splits = data.evals if split == "report" else data.val_evals
     if not splits:
@@ -95,8 +128,10 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
         return 0 if argv else 2
+    trust = "--trust-remote-code" in argv
+    argv = [a for a in argv if a != "--trust-remote-code"]
     try:
-        metrics, out = evaluate_run(Path(argv[0]), argv[1:])
+        metrics, out = evaluate_run(Path(argv[0]), argv[1:], trust_remote_code=trust)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

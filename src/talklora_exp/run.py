@@ -7,7 +7,7 @@ import json
 import logging
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,16 @@ from .errors import UserError
 from .identity import IDENTITY_FILE, identity, mismatch_error, read_identity, same_config
 from .methods import build_method, find_target_layers, method_config
 from .models import fit_cosine_head, load_model, load_tokenizer
-from .rundir import RunDirBusy, RunDirLock, RunLogger, atomic_write_json, read_status
+from .rundir import (
+    RunDirBusy,
+    RunDirLock,
+    RunLogger,
+    atomic_write_json,
+    atomic_write_text,
+    is_fresh,
+    read_jsonl,
+    read_status,
+)
 from .tasks import build_task
 from .trainer import Trainer, resolve_mixed_precision
 from .validate import validate_config
@@ -125,8 +134,10 @@ def _agree(acc: Accelerator, error: str | None) -> str | None:
     return error
 
 
-def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
-    """Train and evaluate one configuration into run_dir. Returns metrics (None when skipped as completed)."""
+def run(cfg: DictConfig, run_dir: Path, on_claim: Callable[[Path], None] | None = None) -> dict[str, Any] | None:
+    """Train and evaluate one configuration into run_dir. Returns metrics (None when skipped as completed).
+    `on_claim(run_dir)` runs once run_dir is proven to be this run's, before anything is written there (the CLI writes
+    Hydra's record then)."""
     run_dir = Path(run_dir)
     validate_config(cfg)  # bad values stop here: nothing written, no lock taken
     method_config(cfg.method)
@@ -146,7 +157,11 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
     if busy:
         raise UserError(busy)
     try:
-        return _run_locked(cfg, run_dir, ident, acc, mp)
+        return _run_locked(cfg, run_dir, ident, acc, mp, on_claim)
+    except OSError as e:  # disk full, read-only or vanished run dir: one line; the last good checkpoint is kept
+        where = e.filename or run_dir
+        raise UserError(f"{where}: {e.strerror or e}; the run stopped (free space / fix permissions, then resume "
+                        "with trainer.resume=auto)") from None  # fmt: skip
     finally:
         lock.release()
 
@@ -167,7 +182,9 @@ def _log_outside(run_dir: Path) -> Iterator[None]:
             root.addHandler(h)
 
 
-def _run_locked(cfg: DictConfig, run_dir: Path, ident: dict, acc: Accelerator, mp: str) -> dict[str, Any] | None:
+def _run_locked(
+    cfg: DictConfig, run_dir: Path, ident: dict, acc: Accelerator, mp: str, on_claim: Callable[[Path], None] | None
+) -> dict[str, Any] | None:
     tcfg, main = cfg.trainer, acc.is_main_process
     overwrite = bool(cfg.get("overwrite", False))
     stored = read_identity(run_dir)
@@ -183,21 +200,27 @@ def _run_locked(cfg: DictConfig, run_dir: Path, ident: dict, acc: Accelerator, m
         raise mismatch_error(run_dir, "it holds a completed run", stored, ident)
     if tcfg.get("deterministic"):
         torch.use_deterministic_algorithms(True, warn_only=True)
+    _check_ours(run_dir, stored, ident, overwrite)  # before anything in run_dir is read, deleted or rewritten
     ckpt_root = run_dir / "checkpoints"
     resume_state = None
     if tcfg.get("resume") == "auto" and not overwrite:
+
+        def ours(ck: Any) -> bool:  # this config's checkpoint, or the recorded run's when that record is this config
+            recorded = stored is not None and ck == stored.get("config_hash") and same_config(stored, ident)
+            return ck == ident["config_hash"] or recorded
+
         try:
-            resume_state = ckpt.load_latest(ckpt_root)
+            resume_state = ckpt.load_latest(ckpt_root, accept_hash=ours)
+        except ckpt.ForeignCheckpoint:
+            raise mismatch_error(run_dir, "its checkpoint is", stored, ident) from None
         except ckpt.NoUsableCheckpoint as e:
             raise UserError(f"{e}; rerun without trainer.resume=auto (or with overwrite=true) to start over") from None
-        if resume_state is not None:
-            ck = resume_state.get("config_hash")
-            # this config's checkpoint, or one of the run recorded in identity.json when that record is this config
-            recorded = stored is not None and ck == stored.get("config_hash") and same_config(stored, ident)
-            if ck != ident["config_hash"] and not recorded:
-                raise mismatch_error(run_dir, "its checkpoint is", stored, ident)
+        if resume_state is not None and not ours(resume_state.get("config_hash")):
+            raise mismatch_error(run_dir, "its checkpoint is", stored, ident)
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
+        if on_claim is not None:
+            on_claim(run_dir)
         for stale in ("metrics.json", "routing.json", "predictions.jsonl"):
             (run_dir / stale).unlink(missing_ok=True)  # only reached for unfinished runs or overwrite=true
         _truncate_log(run_dir / "train_log.jsonl", resume_state["loop"]["step"] if resume_state else 0)
@@ -209,11 +232,11 @@ def _run_locked(cfg: DictConfig, run_dir: Path, ident: dict, acc: Accelerator, m
         b = build(cfg, acc)
         task, tok, model, method, bres = b["task"], b["tokenizer"], b["model"], b["method"], b["budget"]
         if main:
-            (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+            atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
         data = load_data(cfg, task, tok)
     except UserError as e:
         if main:  # nothing claims completion; sweeps and tables see why this run has no result
-            atomic_write_json(run_dir / "metrics.json", {"status": "failed", **hashes, "error": f"UserError: {e}"})
+            _write_status(run_dir, {"status": "failed", **hashes, "error": f"UserError: {e}"})
         raise
     head_fit = None
     if str(cfg.model.get("pair_encoding", "cross")) == "cosine" and resume_state is None:  # resumed: in the checkpoint
@@ -263,7 +286,7 @@ def _run_locked(cfg: DictConfig, run_dir: Path, ident: dict, acc: Accelerator, m
     except BaseException as e:
         if main:
             status = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
-            atomic_write_json(run_dir / "metrics.json", {"status": status, **base, "error": f"{type(e).__name__}: {e}"})
+            _write_status(run_dir, {"status": status, **base, "error": f"{type(e).__name__}: {e}"})
         logger.finish()
         raise
     acc.wait_for_everyone()
@@ -290,9 +313,8 @@ def _run_locked(cfg: DictConfig, run_dir: Path, ident: dict, acc: Accelerator, m
     if main:
         method.save(acc.unwrap_model(model), run_dir / "adapter")
         if result.predictions:
-            with open(run_dir / "predictions.jsonl", "w") as f:
-                for row in result.predictions:
-                    f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            rows = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in result.predictions)
+            atomic_write_text(run_dir / "predictions.jsonl", rows)
         if result.routing is not None:
             atomic_write_json(run_dir / "routing.json", {"step": result.selection["step"], **result.routing})
         atomic_write_json(run_dir / "metrics.json", metrics)  # last: its presence with "completed" means done
@@ -300,14 +322,36 @@ def _run_locked(cfg: DictConfig, run_dir: Path, ident: dict, acc: Accelerator, m
     return metrics
 
 
+def _write_status(run_dir: Path, record: dict) -> None:
+    """Record why a run stopped, if the disk lets us: the original error is the one to report, not this write's."""
+    try:
+        atomic_write_json(run_dir / "metrics.json", record)
+    except OSError as e:
+        log.warning("could not write %s/metrics.json (%s)", run_dir, e.strerror or e)
+
+
+def _check_ours(run_dir: Path, stored: dict | None, ident: dict, overwrite: bool) -> None:
+    """A run dir is cleaned up only when it is provably this run's: it records this config (identity.json), or holds
+    nothing but what Hydra and the lock put there. `overwrite=true` also redoes a run dir of another config, but never
+    a directory this code did not write (no identity.json): that could be anyone's data."""
+    if is_fresh(run_dir) or (stored is not None and (overwrite or same_config(stored, ident))):
+        return
+    if stored is None:
+        present = sorted(p.name for p in run_dir.iterdir())[:6]
+        raise UserError(
+            f"{run_dir} holds files this run did not write ({', '.join(present)}) and no {IDENTITY_FILE}; nothing was "
+            "deleted: point hydra.run.dir / hydra.sweep.dir at a new or empty directory"
+        )
+    raise mismatch_error(run_dir, "it holds a run", stored, ident)
+
+
 def _truncate_log(path: Path, keep_until: int) -> None:
-    """Fresh runs start an empty log; resumed runs keep the records up to the checkpoint's step."""
+    """Fresh runs start an empty log; resumed runs keep the records up to the checkpoint's step (a torn last line of
+    a killed run is dropped with a warning)."""
     if not path.exists():
         return
     if keep_until <= 0:
         path.unlink()
         return
-    keep = [
-        line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= keep_until
-    ]
-    path.write_text("".join(line + "\n" for line in keep))
+    keep = [r for r in read_jsonl(path) if isinstance(r.get("step", 0), int) and r.get("step", 0) <= keep_until]
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in keep))

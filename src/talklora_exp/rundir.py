@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -21,24 +22,71 @@ def _clean(o: Any) -> Any:
     return o
 
 
-def atomic_write_json(path: Path, obj: Any) -> None:
-    """Write to a temp file in the same dir, then rename: readers never see a half-written file."""
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write to a temp file in the same dir, then rename: readers never see a half-written file, and a symlink at
+    `path` is replaced, never followed. A failed write (disk full) removes its temp file and leaves `path` as it was."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(_clean(obj), f, indent=2, sort_keys=False)
-        f.write("\n")
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(_clean(obj), indent=2, sort_keys=False) + "\n")
+
+
+def open_append(path: Path) -> Any:
+    """Append without following a symlink planted at `path` (O_NOFOLLOW: the open fails instead)."""
+    return os.fdopen(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644), "a")
 
 
 def read_status(run_dir: Path) -> str | None:
+    """metrics.json's status; "corrupt" for a file that is not a JSON object with a string status."""
     p = Path(run_dir) / "metrics.json"
     if not p.exists():
         return None
     try:
-        return json.loads(p.read_text()).get("status")
-    except (json.JSONDecodeError, OSError):
+        obj = json.loads(p.read_text())
+    except (json.JSONDecodeError, OSError, UnicodeDecodeError):
         return "corrupt"
+    status = obj.get("status") if isinstance(obj, dict) else None
+    return status if isinstance(status, str) else "corrupt"
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The JSON-object lines of a log; a torn line (a kill mid-write) or any other non-object line is skipped with a
+    warning naming file and line."""
+    import logging
+
+    out = []
+    for i, line in enumerate(Path(path).read_text(errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            rec = None
+        if isinstance(rec, dict):
+            out.append(rec)
+        else:
+            logging.getLogger(__name__).warning(
+                "%s:%d: skipping a line that is not a JSON object (torn write?)", path, i
+            )
+    return out
+
+
+# What a run dir holds before this code writes anything in it: Hydra's record and job log, and our lock.
+PRE_RUN_ENTRIES = frozenset({".hydra", ".lock", "talklora_exp.log"})
+
+
+def is_fresh(run_dir: Path) -> bool:
+    """Nothing in run_dir but what Hydra and the lock put there before the run starts."""
+    return not Path(run_dir).is_dir() or all(p.name in PRE_RUN_ENTRIES for p in Path(run_dir).iterdir())
 
 
 class RunLogger:
@@ -54,7 +102,7 @@ class RunLogger:
     def log(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        with open(self.path, "a") as f:
+        with open_append(self.path) as f:
             f.write(json.dumps(_clean(record)) + "\n")
         if self.wandb_run is not None:
             flat = {k: v for k, v in _flatten(record).items() if isinstance(v, (int, float)) and k != "step"}
@@ -117,10 +165,23 @@ class RunDirLock:
         import fcntl
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        except OSError as e:
+            raise RunDirBusy(
+                f"{self.path}: cannot open the run lock ({e.strerror}); a symlink there is refused"
+            ) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        except OSError as e:
+            if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                os.close(fd)
+                raise RunDirBusy(
+                    f"{self.path}: this filesystem does not support flock ({e.strerror}); put hydra.run.dir / "
+                    "hydra.sweep.dir on a filesystem that does (local disk, or NFS/Lustre mounted with locking)"
+                ) from None
+            if not isinstance(e, BlockingIOError):
+                raise
             holder = os.read(fd, 64).decode(errors="replace").strip() or "?"
             os.close(fd)
             raise RunDirBusy(

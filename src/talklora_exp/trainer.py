@@ -380,16 +380,13 @@ class Trainer:
                             post["best"] = f"{v['best_score']:.4f}@{v['best_step']}"
                             pbar.set_postfix(post)
                         t0 = time.perf_counter()
-                    want_ckpt = self.ckpt_root is not None and ((ckpt_every and step % ckpt_every == 0) or stop.signal)
-                    if want_ckpt and step < self.total_steps:
+                    periodic = ckpt_every and step % ckpt_every == 0 and step < self.total_steps
+                    if self.ckpt_root is not None and (periodic or stop.signal):
                         self._check_finite(run_loss, step)
                         v["run_loss"] = float(run_loss.item())
                         v["train_time"] += time.perf_counter() - t0
                         t0 = time.perf_counter()
-                        rngs = gather_object([ckpt.rng_state()]) if acc.num_processes > 1 else [ckpt.rng_state()]
-                        if acc.is_main_process:
-                            ckpt.save(self.ckpt_root, step, self._state(v, rngs))
-                        acc.wait_for_everyone()
+                        self._save_checkpoint(v, step)
                     if stop.signal:
                         raise TrainingInterrupted(
                             f"{stop.signal} at step {step}; checkpoint saved, resume with trainer.resume=auto"
@@ -398,11 +395,28 @@ class Trainer:
                         break
                 v["epoch"] += 1
                 v["batch_in_epoch"] = 0
+            v["train_time"] += time.perf_counter() - t0
+            pbar.close()
+            stop.immediate = True  # a signal now stops the final evaluation at once
+            try:
+                return self._finish(v)
+            except TrainingInterrupted:
+                if self.ckpt_root is not None:  # training is done: a resume only re-runs the final evaluation
+                    self._save_checkpoint(v, v["step"])
+                raise TrainingInterrupted(
+                    f"{stop.signal} during the final evaluation; checkpoint saved at step {v['step']}, resume with "
+                    "trainer.resume=auto to evaluate without retraining"
+                ) from None
         finally:
             stop.restore()
             pbar.close()
-        v["train_time"] += time.perf_counter() - t0
-        return self._finish(v)
+
+    def _save_checkpoint(self, v: dict[str, Any], step: int) -> None:
+        acc = self.acc
+        rngs = gather_object([ckpt.rng_state()]) if acc.num_processes > 1 else [ckpt.rng_state()]
+        if acc.is_main_process:
+            ckpt.save(self.ckpt_root, step, self._state(v, rngs))
+        acc.wait_for_everyone()
 
     def _finish(self, v: dict[str, Any]) -> FitResult:
         """Restore the selected weights and evaluate the reported split with them (once, unless best_dev already did)."""
@@ -447,6 +461,7 @@ class _SignalCatcher:
 
     def __init__(self):
         self.signal: str | None = None
+        self.immediate = False  # raise from the handler (the final evaluation) instead of setting the flag only
         self.prev: dict[int, Any] = {}
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
@@ -456,6 +471,8 @@ class _SignalCatcher:
         if self.signal is not None:  # a second signal: stop now
             raise KeyboardInterrupt
         self.signal = signal.Signals(signum).name
+        if self.immediate:
+            raise TrainingInterrupted(self.signal)
 
     def restore(self) -> None:
         for sig, h in self.prev.items():

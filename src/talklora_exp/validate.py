@@ -5,6 +5,7 @@ dataclass in methods/config.py; data values by the task readers, which name file
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -15,7 +16,7 @@ _MISSING = object()
 
 # key: (kind, allowed). kinds: int / float / bool / choice / str; "?" suffix = null allowed.
 RULES: dict[str, tuple[str, Any]] = {
-    "seed": ("int", (None, None)),
+    "seed": ("int", (0, 2**32 - 1)),  # numpy's seed range, which accelerate's set_seed also seeds
     "overwrite": ("bool", None),
     "trainer.epochs": ("int?", (1, None)),
     "trainer.max_steps": ("int?", (1, None)),
@@ -50,7 +51,7 @@ RULES: dict[str, tuple[str, Any]] = {
     "model.pair_encoding": ("choice", ("cross", "siamese", "cosine")),
     "model.num_layers": ("int?", (1, None)),
     "task.val_size": ("int", (0, None)),
-    "task.val_seed": ("int", (None, None)),
+    "task.val_seed": ("int", (0, 2**32 - 1)),
     "task.prompt_max_length": ("int", (1, None)),
     "task.response_max_length": ("int", (1, None)),
     "task.prompt_truncation": ("choice", ("left", "right")),
@@ -70,6 +71,21 @@ RULES: dict[str, tuple[str, Any]] = {
     "budget.params": ("int", (1, None)),
     "budget.type": ("choice", ("none", "relative", "absolute")),
 }
+
+
+SAFE_NAME = re.compile(r"[A-Za-z0-9._-]+")
+# config values that become path components (the conversion cache's dir names)
+NAME_KEYS = ("model.name", "model.gguf_file")
+
+
+def safe_name(field: str, value: Any) -> str:
+    """A config value that becomes a path component: letters, digits, `._-`, and not `.`/`..`."""
+    v = str(value)
+    if not SAFE_NAME.fullmatch(v) or v in (".", ".."):
+        raise UserError(
+            f"{field}={value!r}: it names a file or directory, so only letters, digits and . _ - are allowed"
+        )
+    return v
 
 
 def _range_text(lo: Any, hi: Any, open_lo: bool) -> str:
@@ -120,6 +136,10 @@ def validate_config(cfg: DictConfig) -> None:
         err = check_value(key, value, kind, allowed)
         if err:
             raise UserError(err)
+    for key in NAME_KEYS:
+        value = OmegaConf.select(cfg, key, default=None)
+        if value is not None:
+            safe_name(key, value)
     if OmegaConf.select(cfg, "model.pair_encoding") == "cosine" and OmegaConf.select(cfg, "model.pooling") != "mean":
         raise UserError(f"model.pair_encoding=cosine reads mean-pooled sentence embeddings, but model.pooling="
                         f"{OmegaConf.select(cfg, 'model.pooling')!r}; set model.pooling=mean")  # fmt: skip

@@ -36,7 +36,7 @@ class Run:
     def config(self) -> dict[str, Any]:
         """The run's flat resolved config (identity.json "config"), read once; {} for runs without one."""
         p = self.dir / "identity.json"
-        return json.loads(p.read_text()).get("config", {}) if p.exists() else {}
+        return json.loads(p.read_text()).get("config", {}) if p.exists() else {}  # checked by collect's _read_run
 
     @property
     def group(self) -> str | None:
@@ -82,18 +82,54 @@ def collect(dirs: list[Path], one_config: bool = True) -> tuple[list[Run], list[
                 status = m.get("status") if isinstance(m, dict) else None
                 bad.append((d, f"status={status}: {m.get('error', '') if isinstance(m, dict) else ''}".strip()))
                 continue
-            rp = d / "routing.json"
-            lp = d / "train_log.jsonl"
-            done.append(
-                Run(
-                    d,
-                    m,
-                    json.loads(rp.read_text()) if rp.exists() else None,
-                    [json.loads(x) for x in lp.read_text().splitlines() if x.strip()] if lp.exists() else [],
-                )
-            )
+            problem = record_problem(m)
+            if problem is None:
+                try:
+                    run = _read_run(d, m)
+                except (OSError, ValueError, AttributeError) as e:  # a side file that is not what it claims
+                    problem = f"unreadable side file ({type(e).__name__}: {str(e).splitlines()[0][:80]})"
+            if problem is not None:
+                bad.append((d, f"malformed completed record: {problem}"))
+                continue
+            done.append(run)
     done, mixed = one_config_per_cell(done) if one_config else (done, [])
     return expand_multi_task(done), bad + mixed
+
+
+# A completed record's fields the tables read, with their types: a record without them (forged, or hand-edited) is left
+# out with the reason instead of breaking the tables.
+REQUIRED: dict[str, type | tuple[type, ...]] = {"task": str, "method": str, "model": str, "eval": dict,
+                                                "main_metric": str, "budget": dict}  # fmt: skip
+
+
+def record_problem(m: dict[str, Any]) -> str | None:
+    """Why a "completed" metrics.json cannot be tabled, or None."""
+    for k, t in REQUIRED.items():
+        if not isinstance(m.get(k), t) or isinstance(m.get(k), bool):
+            return f"{k}={m.get(k)!r} (needs {getattr(t, '__name__', t)})"
+    bad = [
+        k for k, v in m["eval"].items() if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)))
+    ]
+    if bad:
+        return f"eval.{bad[0]}={m['eval'][bad[0]]!r} is not a number"
+    if m["main_metric"] not in m["eval"] and not any(k.endswith("/" + m["main_metric"]) for k in m["eval"]):
+        return f"main_metric {m['main_metric']!r} is not in eval"
+    if not isinstance(m["budget"].get("name"), str):
+        return "budget.name is missing"
+    return None
+
+
+def _read_run(d: Path, m: dict[str, Any]) -> Run:
+    from ..rundir import read_jsonl
+
+    rp, lp = d / "routing.json", d / "train_log.jsonl"
+    routing = json.loads(rp.read_text()) if rp.exists() else None
+    if routing is not None and not isinstance(routing, dict):
+        raise ValueError("routing.json is not an object")
+    run = Run(d, m, routing, read_jsonl(lp) if lp.exists() else [])
+    if not isinstance(run.config, dict):
+        raise ValueError("identity.json's config is not an object")
+    return run
 
 
 def one_config_per_cell(runs: list[Run]) -> tuple[list[Run], list[tuple[Path, str]]]:

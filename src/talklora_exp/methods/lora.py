@@ -6,6 +6,7 @@ from pathlib import Path
 
 from torch import nn
 
+from ..errors import UserError
 from .base import Method, TargetLayer, find_target_layers
 
 
@@ -49,7 +50,15 @@ class LoRAMethod(Method):
         from peft import set_peft_model_state_dict
         from peft.utils import load_peft_weights
 
-        set_peft_model_state_dict(model, load_peft_weights(str(in_dir)))
+        res = set_peft_model_state_dict(model, load_peft_weights(str(in_dir)))
+        absent = [k for k in res.missing_keys if "lora_" in k]
+        if res.unexpected_keys or absent:  # peft loads non-strictly: another method's adapter would load as nothing
+            what = (
+                f"unknown tensors {res.unexpected_keys[:3]}"
+                if res.unexpected_keys
+                else f"no saved value for {absent[:3]}"
+            )
+            raise UserError(f"{in_dir}: adapter does not fit this model/method config ({what})")
         return model
 
 

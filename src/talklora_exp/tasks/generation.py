@@ -98,6 +98,9 @@ def read_json_records(path: Path, required: tuple[str, ...]) -> list[dict]:
     for rec, w in zip(recs, where):
         if not isinstance(rec, dict) or any(k not in rec for k in required):
             raise UserError(f"{path} {w}: needs fields {list(required)}")
+        bad = [k for k in (*required, "input") if k in rec and not isinstance(rec[k], str)]
+        if bad:  # a null (or a number) where text belongs would fail deep inside tokenization
+            raise UserError(f"{path} {w}: field {bad[0]!r} is {rec[bad[0]]!r}; it must be a string")
     if not recs:
         raise UserError(f"{path}: no records")
     return recs
