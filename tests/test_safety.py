@@ -92,7 +92,10 @@ def test_another_configs_checkpoint_is_refused_from_its_manifest_before_it_is_re
     assert not marker.exists()
 
 
-def test_a_stray_checkpoint_dir_is_skipped_with_a_warning(tmp_path, caplog):
+def test_a_stray_checkpoint_dir_is_skipped_with_a_warning(tmp_path, caplog, monkeypatch):
+    # an in-process Hydra run earlier in the suite (logging config with disable_existing_loggers) may have disabled
+    # the module's logger; this test is about what it says, so switch it back on
+    monkeypatch.setattr(logging.getLogger("talklora_exp.checkpoint"), "disabled", False)
     root = tmp_path / "c"
     ckpt.save(root, 2, {"trainable": [], "loop": {"step": 2}})
     (root / "step-1.bak").mkdir()  # someone's copy: neither read nor deleted, and it does not break saving
