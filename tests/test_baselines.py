@@ -3,17 +3,18 @@ hand-computed cases, parameter formulas against the instantiated modules, save/l
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
 import torch
-from test_methods import MOE, Tiny, _layers, inject, randomize
+from test_methods import MOE, Tiny, _layers, inject, randomize, single
 from torch import nn
 
 from talklora_exp.methods import METHODS, build_method, method_config
-from talklora_exp.methods.hira import HiRALinear
 from talklora_exp.methods.reference import swap_teamlora_to_loop
-from talklora_exp.methods.teamlora import TeamLoRALinear
+from talklora_exp.tuners import TeamLoRAConfig
+from talklora_exp.tuners.mixture import MixtureLayer
 
 TEAM = dict(name="teamlora", rank=8, num_experts=4, alpha=16.0, dropout=0.0)
 HIRA = dict(name="hira", rank=4)
@@ -31,13 +32,15 @@ def test_teamlora_vectorized_equals_literal_loop(over):
 
 
 def test_teamlora_init_is_upstreams():
-    lyr = TeamLoRALinear(nn.Linear(6, 4), rank=8, num_experts=4, alpha=16.0)
-    wi = lyr.lora_interaction.data
+    _, lyr = single(nn.Linear(6, 4), TeamLoRAConfig, r=8, num_experts=4, alpha=16.0)
+    wi = lyr.interaction.data
     assert torch.equal(torch.diagonal(wi), torch.ones(4))
     off = wi[~torch.eye(4, dtype=torch.bool)]
     assert off.abs().max() <= 0.1 and off.abs().sum() > 0
-    assert torch.count_nonzero(lyr.lora_B) == 0 and lyr.s == 16.0 / 8
-    assert TeamLoRALinear(nn.Linear(6, 4), 8, 4, 16.0, scale_per_expert=True).s == 16.0 / 2
+    assert torch.count_nonzero(lyr.B) == 0 and lyr.s == 16.0 / 8
+    assert (
+        single(nn.Linear(6, 4), TeamLoRAConfig, r=8, num_experts=4, alpha=16.0, scale_per_expert=True)[1].s == 16.0 / 2
+    )
 
 
 def test_teamlora_with_identity_interaction_is_moelora_scaled():
@@ -46,14 +49,14 @@ def test_teamlora_with_identity_interaction_is_moelora_scaled():
     _, moe = inject({**MOE, "scaling": True, "alpha": 16.0})
     randomize(team)
     with torch.no_grad():
-        for (_name, t), m in zip(
-            ((n, m) for n, m in team.named_modules() if isinstance(m, TeamLoRALinear)),
-            (m for m in moe.modules() if hasattr(m, "lora_router") and not isinstance(m, TeamLoRALinear)),
+        for t, m in zip(
+            (m.experts["default"] for m in team.modules() if isinstance(m, MixtureLayer)),
+            (m.experts["default"] for m in moe.modules() if isinstance(m, MixtureLayer)),
         ):
-            t.lora_interaction.copy_(torch.eye(4))
-            m.lora_A.copy_(t.lora_A)
-            m.lora_router.copy_(t.lora_router)
-            m.lora_B.copy_(t.lora_B)
+            t.interaction.copy_(torch.eye(4))
+            m.A.copy_(t.A)
+            m.router.copy_(t.router)
+            m.B.copy_(t.B)
     team.eval()
     moe.eval()
     x = torch.randn(2, 3, 6)
@@ -64,12 +67,12 @@ def test_teamlora_hand_computed():
     """d_in = 2, r = 2, E = 2, k = 1, alpha = 2 (s = 1)."""
     base = nn.Linear(2, 1, bias=False)
     base.weight.data = torch.tensor([[0.0, 0.0]])
-    lyr = TeamLoRALinear(base, rank=2, num_experts=2, alpha=2.0)
+    lyr, ex = single(base, TeamLoRAConfig, r=2, num_experts=2, alpha=2.0, dropout=0.0)
     with torch.no_grad():
-        lyr.lora_A.copy_(torch.eye(2))  # u = x
-        lyr.lora_router.copy_(torch.tensor([[1.0, 0.0], [0.0, 0.0]]))  # logits (x_1, 0)
-        lyr.lora_interaction.copy_(torch.tensor([[1.0, 0.5], [0.0, 1.0]]))  # q_1 = p_1 + p_2 / 2, q_2 = p_2
-        lyr.lora_B.copy_(torch.tensor([[1.0, 10.0]]))
+        ex.A.copy_(torch.eye(2))  # u = x
+        ex.router.copy_(torch.tensor([[1.0, 0.0], [0.0, 0.0]]))  # logits (x_1, 0)
+        ex.interaction.copy_(torch.tensor([[1.0, 0.5], [0.0, 1.0]]))  # q_1 = p_1 + p_2 / 2, q_2 = p_2
+        ex.B.copy_(torch.tensor([[1.0, 10.0]]))
     x = torch.tensor([[1.0, 2.0]])
     p1 = math.exp(1) / (math.exp(1) + 1)
     q1, q2 = p1 + (1 - p1) / 2, 1 - p1
@@ -78,16 +81,20 @@ def test_teamlora_hand_computed():
 
 
 def test_hira_zero_b_is_the_base_and_hand_computed():
+    from peft import HiraConfig, get_peft_model
+
     torch.manual_seed(0)
     base = nn.Linear(3, 2)
-    lyr = HiRALinear(base, rank=2)
+    ref = copy.deepcopy(base)
+    lyr = get_peft_model(nn.Sequential(base), HiraConfig(r=2, target_modules=["0"]))
     x = torch.randn(4, 3)
-    torch.testing.assert_close(lyr(x), base(x))  # B = 0 at init: exactly the frozen layer
+    torch.testing.assert_close(lyr(x), ref(x))  # B = 0 at init: exactly the frozen layer
+    layer = lyr.base_model.model[0]
     with torch.no_grad():
         base.weight.copy_(torch.tensor([[1.0, 2.0, 0.0], [0.0, -1.0, 3.0]]))
         base.bias.copy_(torch.tensor([0.5, -0.5]))
-        lyr.lora_A.copy_(torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]]))
-        lyr.lora_B.copy_(torch.tensor([[1.0, 0.0], [2.0, 1.0]]))
+        layer.hira_A["default"].copy_(torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]]))
+        layer.hira_B["default"].copy_(torch.tensor([[1.0, 0.0], [2.0, 1.0]]))
     # BA = [[1,0,1],[2,1,2]]; W0 o (1 + BA) = [[2,2,0],[0,-2,9]]; x = (1,1,1) -> (4, 7) + bias
     out = lyr(torch.ones(1, 3))
     torch.testing.assert_close(out, torch.tensor([[4.5, 6.5]]))
@@ -96,7 +103,6 @@ def test_hira_zero_b_is_the_base_and_hand_computed():
 def test_dora_at_init_is_the_base_model():
     torch.manual_seed(0)
     ref = Tiny()
-    import copy
 
     method = build_method(method_config(DORA))
     model = method.inject(copy.deepcopy(ref), ["q_proj", "v_proj", "up_proj"], ["classifier"], "raw")

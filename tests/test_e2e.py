@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import ROOT, compose_cfg
 
 pytestmark = pytest.mark.slow
@@ -44,6 +45,22 @@ def test_loss_goes_down_contract_and_reload(glue_dir: Path, tmp_path: Path, meth
     again, out = evaluate_run(run_dir)
     assert again == pytest.approx(saved["eval"]) and out.parent == run_dir and out.name == "evaluate-default.json"
     assert json.loads((run_dir / "metrics.json").read_text()) == saved  # the run's own result is untouched
+    # adapter/ is a standard peft adapter: PeftModel.from_pretrained on the same base model gives evaluate's model
+    from peft import PeftModel
+
+    from talklora_exp.models import load_model, load_tokenizer
+    from talklora_exp.run import build
+    from talklora_exp.tasks import build_task
+
+    cfg = compose_cfg([f"method={method}", f"paths.data_dir={glue_dir}", *LEARN])
+    tok = load_tokenizer(cfg.model, cfg.paths.cache_dir)
+    base = load_model(cfg.model, build_task(cfg.task), cfg.paths.cache_dir, tok, cpu=True)
+    theirs = PeftModel.from_pretrained(base, run_dir / "adapter").eval()
+    b = build(cfg)
+    ours = b["method"].load(b["model"], run_dir / "adapter").eval()
+    batch = tok(["a fine film", "dull and slow"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(**batch).logits, ours(**batch).logits, rtol=0, atol=1e-6)
 
 
 def test_cli_main_command_and_skip_completed(glue_dir: Path, tmp_path: Path):

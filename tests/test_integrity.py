@@ -235,3 +235,26 @@ def test_a_lookup_table_acts_only_through_the_keys_it_resolves_into():
     assert same_config(recorded, cola) and group_hash(recorded_config) == cola["group_hash"]
     edited = {"config_hash": "x", "config": {**recorded_config, "trainer.lr": 0.01}}
     assert not same_config(edited, cola) and group_hash(edited["config"]) != cola["group_hash"]
+
+
+@pytest.mark.slow
+def test_committed_table_runs_keep_their_identity():
+    """A refactor is not a config change: every committed table run still composes (its sweep's experiment plus the
+    overrides in its dir name) to the config it recorded, so a sweep skips it and the tables keep it. HiRA's seed-1
+    runs predate `hira_is_peft` and are the one expected exception."""
+    from talklora_exp.identity import current_keys, same_config
+
+    checked = 0
+    for sweep in ("glue_table", "glue_table_baselines"):
+        for path in sorted((ROOT / "results" / "repro" / sweep).glob("*/*/identity.json")):
+            overrides = "/".join(path.parent.relative_to(path.parents[2]).parts).split(",")
+            stored = json.loads(path.read_text())
+            new = identity(compose_cfg([f"experiment={sweep}", *overrides]))
+            if "method=hira" in overrides and not stored["config"].get("fix.hira_is_peft"):
+                assert "fix.hira_is_peft: '<absent>' -> True" in diff_keys(
+                    current_keys(stored["config"]), new["config"]
+                )
+                continue
+            assert same_config(stored, new), (path, diff_keys(current_keys(stored["config"]), new["config"]))
+            checked += 1
+    assert checked >= 55  # the GLUE table (3 methods x 5 tasks x 3 seeds) and the baselines landed so far

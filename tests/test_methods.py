@@ -11,8 +11,10 @@ from torch import nn
 
 from talklora_exp.errors import UserError
 from talklora_exp.methods import build_method, find_target_layers
+from talklora_exp.methods.base import switch_balance_loss
 from talklora_exp.methods.reference import swap_to_loop
-from talklora_exp.methods.talklora import TalkLoRALinear
+from talklora_exp.tuners import TalkLoRAConfig
+from talklora_exp.tuners.mixture import MixtureLayer
 
 TALK = dict(name="talklora", rank=8, num_experts=4, alpha=16, dropout=0.0, scaling=False, share_b=True, talk="learned",
             expert_mixer=True, router_input="talked", top_k=None, balance_loss=0.0)  # fmt: skip
@@ -44,7 +46,15 @@ def inject(cfg: dict, model=None, targets=("q_proj", "v_proj", "up_proj")):
     torch.manual_seed(0)
     model = model or Tiny()
     method = build_method(OmegaConf.create(cfg))
-    return method, method.inject(model, list(targets), ["classifier"], "seq_cls")
+    return method, method.inject(model, list(targets), ["classifier"], "raw")
+
+
+def single(base: nn.Linear, config_cls=TalkLoRAConfig, **kw):
+    """One nn.Linear under a mixture tuner: (the peft model, its layer's experts module)."""
+    from peft import get_peft_model
+
+    model = get_peft_model(nn.Sequential(base), config_cls(target_modules=["0"], **kw))
+    return model, model.base_model.model[0].experts["default"]
 
 
 def randomize(model):
@@ -60,13 +70,13 @@ def test_hand_computed_single_layer():
     """r=2, E=2, k=1: every quantity is a scalar per expert, so the output is checked by hand."""
     base = nn.Linear(2, 1, bias=False)
     base.weight.data = torch.tensor([[1.0, 0.0]])
-    lyr = TalkLoRALinear(base, rank=2, num_experts=2, dropout=0.0)
+    lyr, ex = single(base, r=2, num_experts=2, dropout=0.0, share_b=False)
     with torch.no_grad():
-        lyr.lora_A.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0]]))  # h = x
-        lyr.lora_M.copy_(torch.tensor([[[2.0]], [[3.0]]]))  # M_1=2, M_2=3
-        lyr.lora_T.copy_(torch.tensor([[0.0, 1.0], [1.0, 0.0]]))  # swap the experts
-        lyr.lora_router.copy_(torch.tensor([[1.0, 0.0], [0.0, 0.0]]))  # logit_1 = talked h_1 = h_2
-        lyr.lora_B.copy_(torch.tensor([[1.0, 1.0]]))  # B_1 = B_2 = 1
+        ex.A.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0]]))  # h = x
+        ex.M.copy_(torch.tensor([[[2.0]], [[3.0]]]))  # M_1=2, M_2=3
+        ex.T.copy_(torch.tensor([[0.0, 1.0], [1.0, 0.0]]))  # swap the experts
+        ex.router.copy_(torch.tensor([[1.0, 0.0], [0.0, 0.0]]))  # logit_1 = talked h_1 = h_2
+        ex.B.copy_(torch.tensor([[1.0, 1.0]]))  # B_1 = B_2 = 1
     x = torch.tensor([[1.0, 2.0]])
     # h=(1,2); talked=(2,1); logits=(2,0); g=softmax; y = x_1 + g1*2*1 + g2*3*2
     g1 = math.exp(2) / (math.exp(2) + 1)
@@ -78,14 +88,14 @@ def test_hand_computed_talk_identity_keeps_t_at_the_identity():
     """talk=identity initialises T = I (learned from there): at init the router sees h itself, not the swap."""
     base = nn.Linear(2, 1, bias=False)
     base.weight.data = torch.tensor([[1.0, 0.0]])
-    lyr = TalkLoRALinear(base, rank=2, num_experts=2, dropout=0.0, talk="identity")
-    torch.testing.assert_close(lyr.lora_T.data, torch.eye(2))
-    assert lyr.lora_T.requires_grad
+    lyr, ex = single(base, r=2, num_experts=2, dropout=0.0, talk="identity", share_b=False)
+    torch.testing.assert_close(ex.T.data, torch.eye(2))
+    assert ex.T.requires_grad
     with torch.no_grad():
-        lyr.lora_A.copy_(torch.eye(2))
-        lyr.lora_M.copy_(torch.tensor([[[2.0]], [[3.0]]]))
-        lyr.lora_router.copy_(torch.tensor([[1.0, 0.0], [0.0, 0.0]]))  # logit_1 = h_1 (no swap)
-        lyr.lora_B.copy_(torch.tensor([[1.0, 1.0]]))
+        ex.A.copy_(torch.eye(2))
+        ex.M.copy_(torch.tensor([[[2.0]], [[3.0]]]))
+        ex.router.copy_(torch.tensor([[1.0, 0.0], [0.0, 0.0]]))  # logit_1 = h_1 (no swap)
+        ex.B.copy_(torch.tensor([[1.0, 1.0]]))
     x = torch.tensor([[1.0, 2.0]])
     # h=(1,2); talked=h; logits=(1,0); y = x_1 + g1*2*1 + g2*3*2
     g1 = math.exp(1) / (math.exp(1) + 1)
@@ -119,11 +129,11 @@ def test_one_expert_moelora_equals_peft_lora():
         base, LoraConfig(r=8, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "up_proj"])
     )
     with torch.no_grad():
-        for name, mod in moe.named_modules():
-            if isinstance(mod, TalkLoRALinear):
+        for name, mod in moe.base_model.model.named_modules():
+            if isinstance(mod, MixtureLayer):
                 pl = lora.base_model.model.get_submodule(name)
-                pl.lora_A["default"].weight.copy_(mod.lora_A)
-                pl.lora_B["default"].weight.copy_(mod.B)
+                pl.lora_A["default"].weight.copy_(mod.experts["default"].A)
+                pl.lora_B["default"].weight.copy_(mod.experts["default"].B)
     moe.eval()
     lora.eval()
     x = torch.randn(3, 4, 6)
@@ -144,8 +154,9 @@ def test_real_talklora_config_with_communication_off_is_the_real_moelora():
     _, a = inject({**reduced, "dropout": 0.0})
     _, b = inject({**moe, "dropout": 0.0})
     randomize(a)
-    assert a.state_dict().keys() == b.state_dict().keys()
-    b.load_state_dict(a.state_dict())
+    renamed = {k.replace("talklora_", "moelora_"): v for k, v in a.state_dict().items()}  # each tuner's own prefix
+    assert renamed.keys() == b.state_dict().keys()
+    b.load_state_dict(renamed)
     a.eval()
     b.eval()
     x = torch.randn(2, 3, 6)
@@ -157,26 +168,28 @@ def test_zero_b_is_a_noop_and_shapes():
     ref = Tiny()
     _, model = inject(TALK, model=copy.deepcopy(ref))  # B is zero at init: the adapted model is the base model
     x = torch.randn(2, 5, 6)
-    lyr = model.layers[0].q_proj
+    lyr = model.base_model.model.layers[0].q_proj.experts["default"]
     torch.testing.assert_close(model(x), ref(x))
     with torch.no_grad():
-        next(iter(model.talklora_shared_b.values())).fill_(0.1)
+        next(iter(model.base_model.talklora_shared_B["default"].values())).fill_(0.1)
     assert not torch.allclose(model(x), ref(x))  # and the comparison can fail
-    assert lyr.lora_A.shape == (8, 6) and lyr.lora_M.shape == (4, 2, 2) and lyr.lora_T.shape == (4, 4)
-    assert lyr.lora_router.shape == (4, 8) and lyr.B.shape == (6, 8) and lyr.lora_B is None
+    assert lyr.A.shape == (8, 6) and lyr.M.shape == (4, 2, 2) and lyr.T.shape == (4, 4)
+    assert lyr.router.shape == (4, 8) and lyr.b_weight().shape == (6, 8) and "B" not in dict(lyr.named_parameters())
 
 
 def test_b_shared_across_layers_per_projection_type():
     _, model = inject(TALK)
-    q = [b.q_proj for b in model.layers]
-    assert all(m.B is q[0].B for m in q)
-    assert model.layers[0].v_proj.B is not q[0].B
-    assert len(model.talklora_shared_b) == 3  # q, v, up
+    blocks = model.base_model.model.layers
+    q = [b.q_proj.experts["default"] for b in blocks]
+    assert all(m.b_weight() is q[0].b_weight() for m in q)
+    assert blocks[0].v_proj.experts["default"].b_weight() is not q[0].b_weight()
+    store = model.base_model.talklora_shared_B["default"]
+    assert len(store) == 3  # q, v, up
     # each shared tensor appears once in the state dict and gets gradient from every layer
     randomize(model)
     model(torch.randn(2, 6)).sum().backward()
-    assert sum("talklora_shared_b" in k for k in model.state_dict()) == 3
-    assert all(p.grad is not None for p in model.talklora_shared_b.values())
+    assert sum("talklora_shared_B" in k for k in model.state_dict()) == 3
+    assert all(p.grad is not None for p in store.values())
 
 
 def _layers(model):
@@ -209,8 +222,10 @@ def test_param_count_hand_computed():
 def test_only_adapters_and_head_train():
     method, model = inject(TALK)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert {"classifier.weight", "classifier.bias"} <= trainable
-    assert not any(n.endswith("base.weight") or n.endswith("base.bias") for n in trainable)
+    head = "base_model.model.classifier.modules_to_save.default."
+    assert {head + "weight", head + "bias"} <= trainable
+    assert not any("base_layer" in n or "original_module" in n for n in trainable)
+    assert not any(n in trainable for n in ("base_model.model.layers.0.q_proj.weight",))
 
 
 def test_bad_rank_and_unknown_targets():
@@ -225,25 +240,25 @@ def test_bad_rank_and_unknown_targets():
 
 
 def test_balance_loss_is_switch_style():
-    lyr = TalkLoRALinear(nn.Linear(4, 4), rank=4, num_experts=2, dropout=0.0)
     g = torch.tensor([[0.9, 0.1], [0.8, 0.2], [0.3, 0.7]])
     # f = (2/3, 1/3), P = (2/3, 1/3) -> E * sum f*P = 2 * (4/9 + 1/9)
-    assert lyr._balance_loss(g).item() == pytest.approx(2 * 5 / 9)
+    assert switch_balance_loss(g).item() == pytest.approx(2 * 5 / 9)
     # E * sum f P is not bounded below by 1: f = (1/3, 2/3), P = (1.7/3, 1.3/3) gives 2 * 4.3/9 = 0.956
     g = torch.tensor([[0.9, 0.1], [0.4, 0.6], [0.4, 0.6]])
-    assert lyr._balance_loss(g).item() == pytest.approx(2 * (1 / 3 * 1.7 / 3 + 2 / 3 * 1.3 / 3))
+    assert switch_balance_loss(g).item() == pytest.approx(2 * (1 / 3 * 1.7 / 3 + 2 / 3 * 1.3 / 3))
     # the trainer's aux loss: weight x mean over layers of E * sum f P, recomputed here from each layer's own input
     method, model = inject({**TALK, "balance_loss": 0.1})
     hooks = method.hooks(model)
     randomize(model)
     model.train()
     seen = {}
-    for lyr_ in hooks.layers:
-        lyr_.register_forward_pre_hook(lambda m, a: seen.__setitem__(m.name, a[0].detach()))
+    for name, lyr_ in hooks.layers.items():
+        lyr_.register_forward_pre_hook(lambda m, a, name=name: seen.__setitem__(name, a[0].detach()))
+    hooks.set_batch({})
     model(torch.randn(2, 5, 6))
     expect = []
-    for lyr_ in hooks.layers:
-        gg = lyr_.probs(seen[lyr_.name]).reshape(-1, 4)
+    for name, lyr_ in hooks.layers.items():
+        gg = lyr_.probs(seen[name]).reshape(-1, 4)
         f = nn.functional.one_hot(gg.argmax(-1), 4).float().mean(0)
         expect.append(4 * (f * gg.mean(0)).sum())
     aux = hooks.aux_loss()

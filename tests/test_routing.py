@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from talklora_exp.routing import RoutingRecorder, aggregate, balance_stats, summarize
+from talklora_exp.tuners.mixture import RoutingProbe
 
 
 def test_uniform_load():
@@ -45,11 +46,10 @@ def test_summarize_and_aggregate():
 class FixedRouter(nn.Module):
     """Stand-in layer whose routing is a fixed distribution: sensitivity must be exactly 0."""
 
-    name = "fixed"
-
     def __init__(self, g):
         super().__init__()
         self.g = torch.tensor(g)
+        self.probe = RoutingProbe()
 
     def probs(self, x):
         return self.g.expand(*x.shape[:-1], -1)
@@ -57,13 +57,14 @@ class FixedRouter(nn.Module):
 
 def test_recorder_skips_padding_and_constant_router_has_zero_sensitivity():
     lyr = FixedRouter([0.7, 0.2, 0.1])
-    rec = RoutingRecorder([lyr])
+    rec = RoutingRecorder({"fixed": lyr})
     x = torch.randn(2, 3, 5)
     g = lyr.probs(x).clone()
     g[1, 2] = torch.tensor([0.0, 0.0, 1.0])  # a padding token that must not count
     rec.set_mask(torch.tensor([[1, 1, 1], [1, 1, 0]]))
+    lyr.probe(g, x)  # not active yet: not recorded
     rec.start()
-    rec.observe(lyr, x, g)
+    lyr.probe(g, x)  # what a layer's forward does
     out = rec.stop()["layers"]["fixed"]
     assert out["tokens"] == 5 and out["load"] == pytest.approx([0.7, 0.2, 0.1])
     assert out["sensitivity"] == pytest.approx(0.0)
@@ -72,15 +73,14 @@ def test_recorder_skips_padding_and_constant_router_has_zero_sensitivity():
 def test_sensitivity_of_a_real_layer_matches_its_definition():
     """(|g(x+dx) - g(x)| / |g(x)|) / (|dx| / |x|) per token, averaged, with |dx| = 1% of |x| in a random direction:
     recomputed here with the recorder's own noise stream (seed 0)."""
-    from talklora_exp.methods.talklora import TalkLoRALinear
+    from test_methods import single
 
     torch.manual_seed(0)
-    lyr = TalkLoRALinear(nn.Linear(16, 16), rank=8, num_experts=4, dropout=0.0)
-    lyr.name = "l"
-    rec = RoutingRecorder([lyr])
+    model, lyr = single(nn.Linear(16, 16), r=8, num_experts=4, dropout=0.0, share_b=False)
+    rec = RoutingRecorder({"l": lyr})
     rec.start()
     x = torch.randn(4, 7, 16)
-    lyr(x)
+    model(x)
     out = rec.stop()
     xf = x.reshape(-1, 16)
     noise = torch.randn(xf.shape, generator=torch.Generator().manual_seed(0))

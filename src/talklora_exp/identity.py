@@ -50,11 +50,14 @@ ADDED_WITH_DEFAULT: dict[str, Any] = {
 # reusing their numbers, and the analysis never averages them with runs made after it.
 RESULT_FIXES: dict[str, Callable[[dict[str, Any]], bool]] = {
     # models.apply_pooling: LoRA/DoRA train the pooler through peft's modules_to_save copy, which never saw the
-    # attention mask, so their mean pooling ran over the padding (fixed 2026-12-02)
+    # attention mask, so their mean pooling ran over the padding
     "mean_pool_mask_under_peft": lambda c: (
         c.get("method.name") in ("lora", "dora") and c.get("model.pooling") == "mean"
         and c.get("model.kind") == "encoder" and "pooler" in (c.get("model.head_modules") or [])
     ),
+    # HiRA is peft's HiraConfig: the same math, but its initialisation draws more random numbers (randn for A and B
+    # before A's kaiming init), so a seed gives other weights than the earlier own layer did
+    "hira_is_peft": lambda c: c.get("method.name") == "hira",
 }  # fmt: skip
 IDENTITY_FILE = "identity.json"
 

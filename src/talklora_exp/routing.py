@@ -50,9 +50,12 @@ def aggregate(per_layer: dict[str, dict[str, Any]]) -> dict[str, float | None]:
 
 
 class RoutingRecorder:
-    """Accumulates routing sums per layer while active; `stop()` returns per-layer and aggregated statistics."""
+    """Accumulates routing sums per layer while active; `stop()` returns per-layer and aggregated statistics.
 
-    def __init__(self, layers: list[Any], sensitivity_eps: float = 1e-2, seed: int = 0):
+    `layers` maps a name to a routed layer (an experts module: `probs(x)`, and a `probe` submodule called as
+    `probe(g, x)` in its forward). The recorder owns the forward hooks it puts on the probes."""
+
+    def __init__(self, layers: dict[str, Any], sensitivity_eps: float = 1e-2, seed: int = 0):
         self.layers = layers
         self.eps = sensitivity_eps
         self.seed = seed
@@ -60,8 +63,17 @@ class RoutingRecorder:
         self.mask: torch.Tensor | None = None
         self.acc: dict[str, dict[str, Any]] = {}
         self._gen: torch.Generator | None = None
-        for lyr in layers:
-            object.__setattr__(lyr, "_recorder", self)
+        self.handles = [
+            lyr.probe.register_forward_hook(
+                lambda probe, args, g, name=name, lyr=lyr: self.observe(name, lyr, args[1], g) if self.active else None
+            )
+            for name, lyr in layers.items()
+        ]
+
+    def remove(self) -> None:
+        """Detach from the layers."""
+        for h in self.handles:
+            h.remove()
 
     def set_mask(self, mask: torch.Tensor | None) -> None:
         self.mask = mask
@@ -91,7 +103,7 @@ class RoutingRecorder:
         return {"layers": per_layer, "aggregate": aggregate(per_layer)}
 
     @torch.no_grad()
-    def observe(self, layer: Any, x: torch.Tensor, g: torch.Tensor) -> None:
+    def observe(self, name: str, layer: Any, x: torch.Tensor, g: torch.Tensor) -> None:
         E = g.shape[-1]
         if self.mismatched(g.shape[:-1]):
             return
@@ -102,10 +114,10 @@ class RoutingRecorder:
             xf, gf = xf[sel], gf[sel]
         if gf.shape[0] == 0:
             return
-        a = self.acc.get(layer.name)
+        a = self.acc.get(name)
         if a is None:
             z = torch.zeros(E, device=g.device, dtype=torch.float64)
-            a = self.acc[layer.name] = {
+            a = self.acc[name] = {
                 "sum_p": z,
                 "top1": z.clone(),
                 "ent": z.new_zeros(()),

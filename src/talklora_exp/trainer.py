@@ -294,6 +294,11 @@ class Trainer:
                                  best_val=None, best_eval=None, best_routing=None, best_snap=None, best_preds=None,
                                  last_eval=None, run_loss=0.0, n_micro=0, epoch_gen_state=None)  # fmt: skip
         if resume is not None:
+            saved = [tuple(t.shape) for t in resume["trainable"]]
+            if saved != [tuple(p.shape) for p in self.trainable]:
+                raise UserError(f"checkpoint: its {len(saved)} trainable tensors do not fit this model's "
+                                f"{len(self.trainable)} (written by another version of the code?); rerun without "
+                                "trainer.resume=auto, or with overwrite=true")  # fmt: skip
             with torch.no_grad():
                 for p, t in zip(self.trainable, resume["trainable"]):
                     p.copy_(t.to(p.device, p.dtype))

@@ -1,5 +1,6 @@
-"""Method registry: `method.name` picks (method class, typed config class). MoELoRA is TalkLoRA's layer with
-communication off. Adding a method = one module + one config file in conf/method + one line here."""
+"""Method registry: `method.name` picks (method class, typed config class). Every method goes through peft; the
+mixtures' peft tuners live in `talklora_exp.tuners`. MoELoRA is TalkLoRA's layer with communication off. Adding a
+method = a peft config + a parameter formula (one module), a config file in conf/method, one line here."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from .base import Method, TargetLayer, find_target_layers
 from .config import DoRAConfig, HiRAConfig, LoRAConfig, MethodConfig, MixtureConfig, TeamLoRAConfig
 from .hira import HiRAMethod
 from .lora import DoRAMethod, LoRAMethod
-from .talklora import MixtureMethod, TalkLoRALinear
+from .talklora import MixtureMethod
 from .teamlora import TeamLoRAMethod
 
 METHODS: dict[str, tuple[type[Method], type[MethodConfig]]] = {
@@ -36,5 +37,4 @@ def build_method(cfg: Any) -> Method:
     return METHODS[typed.name][0](typed)
 
 
-__all__ = ["METHODS", "Method", "MethodConfig", "TargetLayer", "TalkLoRALinear", "build_method", "find_target_layers",
-           "method_config"]  # fmt: skip
+__all__ = ["METHODS", "Method", "MethodConfig", "TargetLayer", "build_method", "find_target_layers", "method_config"]

@@ -1,8 +1,8 @@
-"""The small interface every method implements, and helpers shared by the methods."""
+"""The one adapter path every method takes: a peft config, `get_peft_model`, peft's save and load. A method supplies
+only its peft config and its parameter formula (the budget solver needs counts before a model exists)."""
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,8 +12,10 @@ import torch
 from torch import nn
 
 from ..errors import UserError
+from ..tuners.mixture import mixture_layers, proj_type
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
+TASK_TYPES = {"seq_cls": "SEQ_CLS", "causal": "CAUSAL_LM"}  # any other task kind: a bare PeftModel
 
 
 def adapter_param_dtype(base: torch.dtype, floor: torch.dtype) -> torch.dtype:
@@ -32,7 +34,7 @@ class TargetLayer:
 
     @property
     def proj_type(self) -> str:
-        return re.sub(r"\.\d+\.", ".*.", self.path)
+        return proj_type(self.path)
 
 
 def _matches(path: str, targets: list[str]) -> bool:
@@ -53,7 +55,7 @@ def find_target_layers(model: nn.Module, targets: list[str]) -> list[TargetLayer
 
 
 class TrainHooks:
-    """What the trainer asks of a method each step; the default does nothing (plain LoRA)."""
+    """What the trainer asks of a method each step; the default does nothing (LoRA, DoRA, HiRA)."""
 
     routing: Any = None  # a RoutingRecorder for mixture methods
 
@@ -62,47 +64,6 @@ class TrainHooks:
 
     def set_batch(self, batch: dict) -> None:
         """Called before each forward so per-token statistics can skip padding."""
-
-
-class Method:
-    """A PEFT method: inject adapters, count their parameters by formula, save and load them."""
-
-    name: str = ""
-    routed = False  # True: the layers route tokens (routing statistics, balance loss)
-
-    def __init__(self, cfg: Any):
-        self.cfg = cfg
-
-    def param_count(self, layers: list[TargetLayer], rank: int) -> int:
-        raise NotImplementedError
-
-    def inject(self, model: nn.Module, targets: list[str], head_modules: list[str], task_kind: str) -> nn.Module:
-        raise NotImplementedError
-
-    def hooks(self, model: nn.Module) -> TrainHooks:
-        return TrainHooks()
-
-    def save(self, model: nn.Module, out_dir: Path) -> None:
-        raise NotImplementedError
-
-    def load(self, model: nn.Module, in_dir: Path) -> nn.Module:
-        raise NotImplementedError
-
-    def adapter_param_names(self, model: nn.Module) -> list[str]:
-        raise NotImplementedError
-
-
-def mark_trainable(model: nn.Module, keep: list[str], head_modules: list[str]) -> None:
-    """Freeze everything but parameters whose names contain a `keep` marker or sit under a head module."""
-    heads = tuple(head_modules)
-    for n, p in model.named_parameters():
-        in_head = any(n == h or n.startswith(h + ".") or f".{h}." in f".{n}" for h in heads)
-        p.requires_grad = any(k in n for k in keep) or in_head
-
-
-def get_parent(model: nn.Module, path: str) -> tuple[nn.Module, str]:
-    parent_path, _, child = path.rpartition(".")
-    return (model.get_submodule(parent_path) if parent_path else model), child
 
 
 def switch_balance_loss(g: torch.Tensor, recorder: Any = None) -> torch.Tensor:
@@ -117,78 +78,123 @@ def switch_balance_loss(g: torch.Tensor, recorder: Any = None) -> torch.Tensor:
 
 
 class RoutedHooks(TrainHooks):
-    """For routed layers (MoELoRA, TalkLoRA, TeamLoRA): routing statistics over non-padding tokens, and the optional
-    balance loss. A routed layer has `name`, `probs(x)`, `last_aux` and calls its recorder in forward."""
+    """For the mixtures: routing statistics over non-padding tokens, and the optional balance loss. Both attach by
+    forward hooks on each layer's routing probe; the layers hold no reference to either."""
 
-    def __init__(self, layers: list[nn.Module], balance_weight: float):
+    def __init__(self, layers: dict[str, nn.Module], balance_weight: float):
         from ..routing import RoutingRecorder
 
         self.layers = layers
         self.balance_weight = balance_weight
         self.routing = RoutingRecorder(layers)
+        self._terms: list[torch.Tensor] = []
+        if balance_weight > 0:
+            for lyr in layers.values():
+                lyr.probe.register_forward_hook(self._collect)
+
+    def _collect(self, probe: nn.Module, args: tuple, g: torch.Tensor) -> None:
+        if probe.training:
+            self._terms.append(switch_balance_loss(g, self.routing))
 
     def set_batch(self, batch: dict) -> None:
         self.routing.set_mask(batch.get("attention_mask"))
+        self._terms = []  # a checkpointed backward reruns forwards: only this batch's own forward counts
 
     def aux_loss(self) -> torch.Tensor | None:
-        if self.balance_weight <= 0:
+        terms, self._terms = self._terms, []
+        if self.balance_weight <= 0 or not terms:
             return None
-        terms = [lyr.last_aux for lyr in self.layers if lyr.last_aux is not None]
-        for lyr in self.layers:
-            lyr.last_aux = None
-        return self.balance_weight * torch.stack(terms).mean() if terms else None
+        return self.balance_weight * torch.stack(terms).mean()
 
 
-class AdapterMethod(Method):
-    """A method that wraps each target nn.Linear in its own module (the mixtures, HiRA): trainable tensors are found
-    by name markers (`keep`), saved as safetensors with the method config, and loaded back strictly."""
+def _is_head_param(name: str) -> bool:
+    return ".modules_to_save." in name or ".original_module." in name
 
-    keep: tuple[str, ...] = ("lora_",)
-    layer_type: type[nn.Module] = nn.Module
 
-    def layers(self, model: nn.Module) -> list[nn.Module]:
-        return [m for m in model.modules() if isinstance(m, self.layer_type)]
+class Method:
+    """A PEFT method through peft: `peft_config` and `param_count` differ per method; the rest is shared."""
 
-    def wrap_targets(self, model: nn.Module, targets: list[str], head_modules: list[str], make: Any) -> nn.Module:
-        """Replace every target nn.Linear by `make(target, linear)`, then freeze all but adapters and heads."""
-        for t in find_target_layers(model, targets):
-            parent, child = get_parent(model, t.path)
-            setattr(parent, child, make(t, getattr(parent, child)))
-        mark_trainable(model, list(self.keep), head_modules)
+    name: str = ""
+    routed = False  # True: the layers route tokens (routing statistics, balance loss)
+
+    def __init__(self, cfg: Any):
+        self.cfg = cfg
+
+    def param_count(self, layers: list[TargetLayer], rank: int) -> int:
+        """Adapter parameters by formula (tests check it against the peft model)."""
+        raise NotImplementedError
+
+    def peft_config(self, targets: list[str], head_modules: list[str], task_kind: str) -> Any:
+        raise NotImplementedError
+
+    def common(self, targets: list[str], head_modules: list[str], task_kind: str) -> dict[str, Any]:
+        """The peft config fields every method sets the same way."""
+        return dict(target_modules=list(targets), modules_to_save=list(head_modules) or None,
+                    task_type=TASK_TYPES.get(task_kind))  # fmt: skip
+
+    def inject(self, model: nn.Module, targets: list[str], head_modules: list[str], task_kind: str) -> nn.Module:
+        """`get_peft_model`: adapters on the targets, heads trained as peft's `modules_to_save` copies."""
+        from peft import get_peft_model
+
+        find_target_layers(model, targets)  # the clear error when nothing matches
+        c = self.cfg
+        if c.rank % c.num_experts:
+            raise UserError(f"method.rank={c.rank} is not divisible by method.num_experts={c.num_experts}")
+        try:
+            config = self.peft_config(targets, head_modules, task_kind)
+        except ValueError as e:  # the peft config's own checks
+            raise UserError(f"method={c.name}: {e}") from None
+        floor = DTYPES[c.adapter_dtype]
+        # peft keeps adapters in fp32 on a half-precision base unless asked not to (adapter_dtype)
+        model = get_peft_model(model, config, autocast_adapter_dtype=floor == torch.float32)
+        if floor != torch.float32:  # the mixtures create fp32 adapters: narrow them as asked
+            for n, p in model.named_parameters():
+                if p.requires_grad and not _is_head_param(n) and p.dtype != (dt := adapter_param_dtype(p.dtype, floor)):
+                    p.data = p.data.to(dt)
         return model
 
     def hooks(self, model: nn.Module) -> TrainHooks:
         if not self.routed:
             return TrainHooks()
-        return RoutedHooks(self.layers(model), float(getattr(self.cfg, "balance_loss", 0.0)))
+        return RoutedHooks(mixture_layers(model), float(getattr(self.cfg, "balance_loss", 0.0)))
 
     def adapter_param_names(self, model: nn.Module) -> list[str]:
-        return [n for n, p in model.named_parameters() if any(k in n for k in self.keep)]
+        """Trainable parameters that are not task heads (the budget counts these)."""
+        return [n for n, p in model.named_parameters() if p.requires_grad and not _is_head_param(n)]
 
     def save(self, model: nn.Module, out_dir: Path) -> None:
-        """Trainable tensors (adapters, shared tensors once, task head) as safetensors, plus the method config."""
-        from safetensors.torch import save_file
-
-        out_dir.mkdir(parents=True, exist_ok=True)
-        state = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
-        save_file(state, str(out_dir / "adapter_model.safetensors"))
-        meta = {"method": self.cfg.as_dict(), "tensors": sorted(state)}
-        (out_dir / "adapter_config.json").write_text(json.dumps(meta, indent=2))
+        model.save_pretrained(str(out_dir))  # adapter_model.safetensors + adapter_config.json (peft format)
 
     def load(self, model: nn.Module, in_dir: Path) -> nn.Module:
-        """Every saved tensor must exist in the model with the same shape, and every trainable tensor must be saved."""
-        from safetensors.torch import load_file
+        """peft's loader, made strict: every saved tensor must fit, and every trainable tensor must be saved."""
+        from peft import set_peft_model_state_dict
+        from peft.utils import load_peft_weights
 
-        state = load_file(str(in_dir / "adapter_model.safetensors"))
-        params = dict(model.named_parameters())
-        missing = sorted(n for n in state if n not in params)
-        wrong = sorted(n for n in state if n in params and tuple(params[n].shape) != tuple(state[n].shape))
-        absent = sorted(n for n, p in params.items() if p.requires_grad and n not in state)
-        if missing or wrong or absent:
-            what = (f"unknown tensors {missing[:3]}" if missing else f"shape mismatch for {wrong[:3]}" if wrong
-                    else f"no saved value for {absent[:3]}")  # fmt: skip
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        try:
+            res = set_peft_model_state_dict(model, load_peft_weights(str(in_dir)))
+        except RuntimeError as e:  # torch's load_state_dict: "size mismatch for <name>: ..."
+            names = re.findall(r"size mismatch for ([^:]+):", str(e))
+            if not names:
+                raise
+            raise UserError(
+                f"{in_dir}: adapter does not fit this model/method config (shape mismatch for {names[:3]})"
+            ) from None
+        absent = sorted(k for k in res.missing_keys if k in trainable)
+        if res.unexpected_keys or absent:  # peft loads non-strictly: another method's adapter would load as nothing
+            what = (
+                f"unknown tensors {res.unexpected_keys[:3]}"
+                if res.unexpected_keys
+                else f"no saved value for {absent[:3]}"
+            )
             raise UserError(f"{in_dir}: adapter does not fit this model/method config ({what})")
-        with torch.no_grad():
-            for n, t in state.items():
-                params[n].copy_(t.to(params[n].dtype))
         return model
+
+
+def get_parent(model: nn.Module, path: str) -> tuple[nn.Module, str]:
+    parent_path, _, child = path.rpartition(".")
+    return (model.get_submodule(parent_path) if parent_path else model), child
+
+
+__all__ = ["DTYPES", "Method", "RoutedHooks", "TargetLayer", "TrainHooks", "adapter_param_dtype", "find_target_layers",
+           "get_parent", "switch_balance_loss"]  # fmt: skip

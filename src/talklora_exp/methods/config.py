@@ -9,6 +9,7 @@ from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
 from ..errors import UserError
+from ..tuners.talklora import ROUTER_INPUTS, TALK_MODES
 
 
 def _fail(key: str, value: Any, allowed: str) -> UserError:
@@ -103,7 +104,7 @@ class LoRAConfig(MethodConfig):
 
 @dataclass
 class MixtureConfig(MethodConfig):
-    """MoELoRA and TalkLoRA (one layer; the fields pick the variant). See methods/talklora.py."""
+    """MoELoRA and TalkLoRA (one layer; the fields pick the variant). See tuners/talklora.py."""
 
     rank: int = 32
     num_experts: int = 4
@@ -118,8 +119,8 @@ class MixtureConfig(MethodConfig):
 
     choices: ClassVar[dict[str, tuple]] = {
         **MethodConfig.choices,
-        "talk": ("learned", "identity", "off"),
-        "router_input": ("x", "h", "talked"),
+        "talk": TALK_MODES,
+        "router_input": ROUTER_INPUTS,
     }
 
     def validate(self) -> None:
@@ -139,12 +140,10 @@ class DoRAConfig(LoRAConfig):
 
 @dataclass
 class HiRAConfig(MethodConfig):
-    """HiRA (Huang et al., ICLR 2025): a Hadamard update of the frozen weight, W0 o (1 + BA). No dropout, no scaling
-    in the reference code; both stay available as flags (default off)."""
+    """HiRA (Huang et al., ICLR 2025) as peft's HiraConfig: W0 o (1 + BA). No dropout in the reference code (a flag,
+    default off); no scaling (peft's layer has none)."""
 
     dropout: float = 0.0
-    scaling: bool = False
-    alpha: float = 16.0  # only used when scaling=true
 
 
 @dataclass

@@ -7,37 +7,40 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..tuners.mixture import MixtureLayer
+from ..tuners.talklora import TalkLoRAExperts
+from ..tuners.teamlora import TeamLoRAExperts
 from .base import get_parent
-from .talklora import TalkLoRALinear
 
 
 class LoopTalkLoRALinear(nn.Module):
-    """Same math as TalkLoRALinear, written the upstream way: a Python loop over experts."""
+    """Same math as a TalkLoRA/MoELoRA layer, written the upstream way: a Python loop over experts."""
 
-    def __init__(self, src: TalkLoRALinear):
+    def __init__(self, layer: MixtureLayer):
         super().__init__()
-        self.base, self.E, self.k, self.r = src.base, src.E, src.k, src.r
+        src = layer.experts[layer.active_adapters[0]]
+        self.base, self.E, self.k, self.r = layer.base_layer, src.E, src.k, src.r
         self.router_input, self.scale, self.dropout = src.router_input, src.scale, src.dropout
         self.top_k = src.top_k
         self.lora_A = nn.Linear(src.d_in, src.r, bias=False)
-        self.lora_A.weight = src.lora_A
+        self.lora_A.weight = src.A
         self.experts = nn.ModuleList()
         for i in range(self.E):
             m = nn.Linear(self.k, self.k, bias=False)
-            if src.lora_M is not None:
-                m.weight = nn.Parameter(src.lora_M.data[i].clone())
-            self.experts.append(m if src.lora_M is not None else nn.Identity())
+            if src.M is not None:
+                m.weight = nn.Parameter(src.M.data[i].clone())
+            self.experts.append(m if src.M is not None else nn.Identity())
         self.B = nn.ModuleList()
         for i in range(self.E):
             b = nn.Linear(self.k, src.d_out, bias=False)
-            b.weight = nn.Parameter(src.B.data[:, i * self.k : (i + 1) * self.k].clone())
+            b.weight = nn.Parameter(src.b_weight().data[:, i * self.k : (i + 1) * self.k].clone())
             self.B.append(b)
         self.talk = None
-        if src.lora_T is not None:
+        if src.T is not None:
             self.talk = nn.Linear(self.E, self.E, bias=False)
-            self.talk.weight = nn.Parameter(src.lora_T.data.clone())
-        self.route = nn.Linear(src.lora_router.shape[1], self.E, bias=False)
-        self.route.weight = nn.Parameter(src.lora_router.data.clone())
+            self.talk.weight = nn.Parameter(src.T.data.clone())
+        self.route = nn.Linear(src.router.shape[1], self.E, bias=False)
+        self.route.weight = nn.Parameter(src.router.data.clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base(x)
@@ -59,36 +62,38 @@ class LoopTalkLoRALinear(nn.Module):
         return result + self.dropout((stack * g).sum(-2)) * self.scale
 
 
-def _swap(model: nn.Module, layer_type: type, twin: type) -> nn.Module:
+def _swap(model: nn.Module, experts_type: type, twin: type) -> nn.Module:
     for name, mod in list(model.named_modules()):
-        if isinstance(mod, layer_type):
+        if isinstance(mod, MixtureLayer) and isinstance(mod.experts[mod.active_adapters[0]], experts_type):
             parent, child = get_parent(model, name)
             setattr(parent, child, twin(mod))
     return model
 
 
 def swap_to_loop(model: nn.Module) -> nn.Module:
-    """Replace every TalkLoRALinear in a model by its loop twin (weights copied; shared B becomes per layer)."""
-    return _swap(model, TalkLoRALinear, LoopTalkLoRALinear)
+    """Replace every TalkLoRA/MoELoRA layer in a model by its loop twin (weights copied; shared B becomes per
+    layer)."""
+    return _swap(model, TalkLoRAExperts, LoopTalkLoRALinear)
 
 
 class LoopTeamLoRALinear(nn.Module):
     """TeamLoRA written literally, expert by expert, from the recovered upstream math (one nn.Linear per B_i)."""
 
-    def __init__(self, src: nn.Module):
+    def __init__(self, layer: MixtureLayer):
         super().__init__()
-        self.base, self.E, self.k, self.s, self.times = src.base, src.E, src.k, src.s, src.times
+        src = layer.experts[layer.active_adapters[0]]
+        self.base, self.E, self.k, self.s, self.times = layer.base_layer, src.E, src.k, src.s, src.times
         self.dropout = src.dropout
         self.A = nn.Linear(src.d_in, src.r, bias=False)
-        self.A.weight = nn.Parameter(src.lora_A.data.clone())
+        self.A.weight = nn.Parameter(src.A.data.clone())
         self.router = nn.Linear(src.d_in, self.E, bias=False)
-        self.router.weight = nn.Parameter(src.lora_router.data.clone())
+        self.router.weight = nn.Parameter(src.router.data.clone())
         self.W_I = nn.Linear(self.E, self.E, bias=False)
-        self.W_I.weight = nn.Parameter(src.lora_interaction.data.clone())
+        self.W_I.weight = nn.Parameter(src.interaction.data.clone())
         self.B = nn.ModuleList()
         for i in range(self.E):
             b = nn.Linear(self.k, src.d_out, bias=False)
-            b.weight = nn.Parameter(src.lora_B.data[:, i * self.k : (i + 1) * self.k].clone())
+            b.weight = nn.Parameter(src.B.data[:, i * self.k : (i + 1) * self.k].clone())
             self.B.append(b)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -103,7 +108,5 @@ class LoopTeamLoRALinear(nn.Module):
 
 
 def swap_teamlora_to_loop(model: nn.Module) -> nn.Module:
-    """Replace every TeamLoRALinear by its loop twin (weights copied)."""
-    from .teamlora import TeamLoRALinear
-
-    return _swap(model, TeamLoRALinear, LoopTeamLoRALinear)
+    """Replace every TeamLoRA layer by its loop twin (weights copied)."""
+    return _swap(model, TeamLoRAExperts, LoopTeamLoRALinear)
