@@ -10,6 +10,7 @@ model.pair_encoding=siamese; writes results/repro/rte_probe.json.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 from pathlib import Path
@@ -37,6 +38,7 @@ def embed(model, tok, texts: list[str]) -> np.ndarray:
 
 
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()
     from transformers import AutoModel, AutoTokenizer
 
     torch.manual_seed(0)

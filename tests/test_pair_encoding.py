@@ -149,13 +149,18 @@ def test_siamese_logits_are_each_sentence_encoded_alone(glue_dir, tmp_path):
     model.eval()
     with torch.no_grad():
         got = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
-        enc = model.base_model
+        inner = model.get_base_model()  # under the PeftModel; the trained pooler and head are peft's copies
+        enc = inner.base_model
+
+        def trained(mod: torch.nn.Module) -> torch.nn.Module:
+            return mod.modules_to_save["default"] if hasattr(mod, "modules_to_save") else mod
 
         def pooled(ids: list[int]) -> torch.Tensor:
             h = enc(input_ids=torch.tensor([ids])).last_hidden_state[0]  # one sentence, no padding
-            return enc.pooler.activation(enc.pooler.dense(h.mean(0)))
+            pooler = trained(enc.pooler)
+            return pooler.activation(pooler.dense(h.mean(0)))
 
-        head = model.classifier.out
+        head = trained(inner.classifier).out
         for i, f in enumerate(ex):
             u, v = pooled(f["input_ids"]), pooled(f["input_ids_b"])
             want = head(torch.cat([u, v, (u - v).abs(), u * v]))
