@@ -12,7 +12,7 @@ from functools import cache
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, compose_cfg
+from conftest import ROOT
 
 DOCS = [ROOT / "README.md", ROOT / "results" / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 ENTRY = re.compile(r"(?:^|\s)(python(?:3)? -m talklora_exp[\w.]*|python(?:3)? scripts/\w+\.py|make \w[\w-]*)")
@@ -63,10 +63,20 @@ def _make_targets() -> set[str]:
     return set(re.findall(r"^([\w-]+):", (ROOT / "Makefile").read_text(), flags=re.M))
 
 
+def _help_argv(entry: str) -> list[str]:
+    return [sys.executable, str(ROOT / entry)] if entry.endswith(".py") else [sys.executable, "-m", entry]
+
+
 @cache
-def _helps(entry: str) -> int:
-    argv = [sys.executable, str(ROOT / entry)] if entry.endswith(".py") else [sys.executable, "-m", entry]
-    return subprocess.run([*argv, "--help"], capture_output=True, timeout=120).returncode
+def _help_codes() -> dict[str, int]:
+    """`--help` exit code of every non-training entry point quoted, run in parallel (each pays a torch import)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    entries = sorted({e for e, a in (_entry_args(c) for _, c in ALL) if e not in ("make", "talklora_exp")}
+                     | {"talklora_exp"})  # fmt: skip
+    run = lambda e: subprocess.run([*_help_argv(e), "--help"], capture_output=True, timeout=300).returncode  # noqa: E731
+    with ThreadPoolExecutor(4) as pool:
+        return dict(zip(entries, pool.map(run, entries)))
 
 
 def _first_job(args: list[str]) -> list[str]:
@@ -82,6 +92,27 @@ def _first_job(args: list[str]) -> list[str]:
             text = f"{text.split('=', 1)[0]}={next(iter(o.sweep_string_iterator()))}"
         out.append(text)
     return out
+
+
+@cache
+def _hydra() -> None:
+    """Hydra initialised once for every composition here (compose_cfg re-initialises per call)."""
+    from conftest import CONF
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    initialize_config_dir(config_dir=str(CONF), version_base="1.3").__enter__()
+
+
+def _compose(overrides: list[str]):
+    from hydra import compose
+    from hydra.core.global_hydra import GlobalHydra
+
+    if not GlobalHydra.instance().is_initialized():
+        _hydra.cache_clear()
+    _hydra()
+    return compose(config_name="config", overrides=overrides)
 
 
 ALL = [(p.relative_to(ROOT).as_posix(), c) for p in DOCS if p.exists() for c in quoted_commands(p)]
@@ -103,8 +134,8 @@ def test_quoted_command_works(where: str, cmd: str):
     elif entry == "talklora_exp" and not any(a.startswith("--") for a in args):
         job = _first_job(args)
         assert check_group_overrides(job) is None, f"{where}: `{cmd}`: {check_group_overrides(job)}"
-        cfg = compose_cfg(job)
+        cfg = _compose(job)
         validate_config(cfg)
         method_config(cfg.method)
     else:
-        assert _helps(entry) == 0, f"{where}: `{cmd}`: `{entry} --help` failed"
+        assert _help_codes()[entry] == 0, f"{where}: `{cmd}`: `{entry} --help` failed"
