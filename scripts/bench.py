@@ -211,9 +211,8 @@ def bench_paper_shape(args, device, methods) -> dict:
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from talklora_exp.dryrun import meta_model
     from talklora_exp.memory import estimate_memory
-    from talklora_exp.models import base_dtype
+    from talklora_exp.models import base_dtype, meta_model
     from talklora_exp.tasks import build_task
 
     over = [f"model={args.shape_model}", "task=commonsense/boolq", f"trainer.batch_size={args.batch}",
@@ -227,7 +226,7 @@ def bench_paper_shape(args, device, methods) -> dict:
     GlobalHydra.instance().clear()
     from transformers import AutoModelForCausalLM
 
-    from talklora_exp.dryrun import arch_config
+    from talklora_exp.models import arch_config
 
     conf = arch_config(cfg.model, None)
     if args.vocab_size:

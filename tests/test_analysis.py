@@ -206,8 +206,7 @@ def test_every_preset_grid_dry_runs(preset, capsys):
     """Each preset's grid, expanded by Hydra's sweeper (in-process: the same code path as the CLI), at its first seed:
     seeds change nothing a dry run checks, and Hydra composes every job twice (~0.4 s each), so the 240-job paper
     grid alone took 90 s of the suite. A command-line `seed=` wins over the preset's sweeper list, as it does for users."""
-    from talklora_exp.cli import CONF_DIR
-    from talklora_exp.dryrun import dry_run
+    from talklora_exp.cli import CONF_DIR, dry_run
 
     params = OmegaConf.load(CONF_DIR / "experiment" / f"{preset}.yaml").hydra.sweeper.params
     seeds = str(params.get("seed", "")).split(",")
@@ -223,7 +222,7 @@ def test_every_preset_grid_dry_runs(preset, capsys):
 
 def test_dry_run_memory_counts_both_rows_of_a_siamese_pair(capsys):
     """Siamese encodes each sentence of a pair as its own row: twice the tokens per step of a cross pair."""
-    from talklora_exp.dryrun import dry_run
+    from talklora_exp.cli import dry_run
 
     (cross,), _ = dry_run(["experiment=glue_lr_grid", "task=glue/rte", "trainer.lr=1e-3"])
     (siamese,), _ = dry_run(["experiment=glue_pair_grid", "trainer.lr=1e-3"])
@@ -247,7 +246,7 @@ def test_dry_run_keeps_hydra_syntax_intact():
 
 
 def test_paper_preset_is_upstreams_train_sh():
-    from talklora_exp.dryrun import dry_run
+    from talklora_exp.cli import dry_run
 
     rows, code = dry_run(["experiment=commonsense_table_paper"])
     by = {(r["method"], r["overrides"][1]): r for r in rows}

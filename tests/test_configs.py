@@ -101,7 +101,9 @@ def test_unknown_override_key_is_one_line(tmp_path):
     from talklora_exp.cli import check_override_keys
 
     msg = check_override_keys(["trainer.bogus=1"])
-    assert msg.startswith("unknown override key 'trainer.bogus'; trainer has: batch_size") and "\n" not in msg
+    assert msg.startswith("unknown override key 'trainer.bogus' (trainer has: batch_size") and "\n" not in msg
+    near = check_override_keys(["trainer.lrr=1e-3"])
+    assert near.startswith("unknown override key 'trainer.lrr'; did you mean trainer.lr?")  # the nearest valid name
     assert check_override_keys(["experiment=glue_table", "glue_schedule.train_cap.sst2=10"]) is None  # a preset's key
     r = _cli(["trainer.bogus=1", f"hydra.run.dir={tmp_path}/r"], tmp_path)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "r").exists()

@@ -3,6 +3,7 @@ with their ranks, adapter parameters and memory estimates without training)."""
 
 from __future__ import annotations
 
+import difflib
 import logging
 import os
 import shutil
@@ -105,10 +106,12 @@ def check_override_keys(argv: list[str]) -> str | None:
         if OmegaConf.select(cfg, k, default="__missing__", throw_on_missing=False) == "__missing__":
             parent, _, leaf = k.rpartition(".")
             node = OmegaConf.select(cfg, parent) if parent else cfg
-            have = sorted(node.keys()) if OmegaConf.is_dict(node) else []
+            have = sorted(map(str, node.keys())) if OmegaConf.is_dict(node) else []
+            near = difflib.get_close_matches(leaf, have, n=3, cutoff=0.6)
             return (
                 f"unknown override key {k!r}"
-                + (f"; {parent or 'the root'} has: {', '.join(map(str, have))}" if have else "")
+                + (f"; did you mean {' or '.join(f'{parent}.{n}'.lstrip('.') for n in near)}?" if near else "")
+                + (f" ({parent or 'the root'} has: {', '.join(have)})" if have else "")
                 + f" (use +{k}=... to add a new key)"
             )
     return None
@@ -251,3 +254,25 @@ def main() -> None:
         from .dryrun import print_summary
 
         sys.exit(print_summary(DRY_RUN_JOBS))
+
+
+def dry_run(argv: list[str]) -> tuple[list[dict[str, Any]], int]:
+    """In-process `python -m talklora_exp -m <argv> +dry_run=true`: (job rows, exit code). Used by the tests, which
+    dry-run every preset without paying a Python start per preset."""
+    import sys
+
+    from hydra.core.global_hydra import GlobalHydra
+
+    saved = sys.argv
+    DRY_RUN_JOBS.clear()
+    GlobalHydra.instance().clear()
+    sys.argv = [saved[0], "-m", *[a for a in argv if a != "-m"], "+dry_run=true"]
+    code = 0
+    try:
+        main()
+    except SystemExit as e:
+        code = int(e.code or 0)
+    finally:
+        sys.argv = saved
+        GlobalHydra.instance().clear()
+    return list(DRY_RUN_JOBS), code

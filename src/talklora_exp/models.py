@@ -150,13 +150,53 @@ def load_tokenizer(mcfg: Any, cache_root: str | os.PathLike | None = None) -> An
     return tok
 
 
+_META_MODELS: dict[str, Any] = {}  # meta_model cache: one weightless model per architecture and head
+
+
+def arch_config(mcfg: Any, cache_dir: str | None, num_labels: int | None = None) -> Any:
+    """The model's transformers config: `model.arch` when given (published configs of the paper models), else the
+    config of the local/package model, else the hub's."""
+    from transformers import AutoConfig
+
+    arch = mcfg.get("arch")
+    if arch:
+        d = {k: (list(v) if hasattr(v, "__iter__") and not isinstance(v, str) else v) for k, v in dict(arch).items()}
+        conf = AutoConfig.for_model(d.pop("model_type"), **d)
+    else:
+        path, kw = _source(mcfg, cache_dir)
+        try:
+            conf = AutoConfig.from_pretrained(path, **kw, trust_remote_code=False)
+        except (OSError, ValueError) as e:
+            raise UserError(
+                f"model {mcfg.name!r}: architecture unknown offline ({str(e).splitlines()[0][:120]}); add model.arch"
+            ) from None
+    for key in ("num_layers",):  # shape-model depth override
+        if mcfg.get(key):
+            conf.num_hidden_layers = int(mcfg[key])
+    if num_labels is not None:
+        conf.num_labels = num_labels
+    return conf
+
+
+def meta_model(cfg: Any, task: Any) -> Any:
+    """A weightless (meta-device) model of the configured architecture (dry runs count parameters on it without
+    weights or downloads); cached per model, depth and task kind."""
+    key = f"{cfg.model.name}:{cfg.model.get('num_layers')}:{task.kind}:{task.num_labels}"
+    if key not in _META_MODELS:
+        from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+        conf = arch_config(cfg.model, cfg.paths.cache_dir, None if task.kind == "causal" else task.num_labels)
+        with torch.device("meta"):
+            cls = AutoModelForCausalLM if task.kind == "causal" else AutoModelForSequenceClassification
+            _META_MODELS[key] = cls.from_config(conf)
+    return _META_MODELS[key]
+
+
 def shape_model(mcfg: Any, tokenizer: Any, dtype: torch.dtype) -> Any:
     """A paper-shape causal LM with random weights (`model.shape_only`): the published architecture from
     `model.arch`, depth from `model.num_layers` when set, vocabulary sized to the tokenizer in use. For benchmarks
     and memory checks only; its metrics mean nothing (metrics.json says so)."""
     from transformers import AutoModelForCausalLM
-
-    from .dryrun import arch_config
 
     conf = arch_config(mcfg, None)
     conf.vocab_size = len(tokenizer)

@@ -248,10 +248,12 @@ def _run_locked(
         log.info("cosine head fitted on %d training pairs (LP-FT): %s", head_fit["n_train"], head_fit)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     counts = count_params(model, set(method.adapter_param_names(model)))
+    budget = (f"budget {bres.name}: {bres.target_params} target" if bres.target_params is not None
+              else "no budget: method.rank")  # fmt: skip
     log.info(
-        "%s | %s | %s | rank %d | adapter params %d (budget %s: target %s) | head %d | select %s | data %s",
-        task.name, method.cfg.name, cfg.model.name, bres.rank, counts["adapter_params"], bres.name,
-        bres.target_params, counts["head_params"], tcfg.select, data.info.get("source"),
+        "%s | %s | %s | rank %d | adapter params %d (%s) | head %d | select %s | data %s",
+        task.name, method.cfg.name, cfg.model.name, bres.rank, counts["adapter_params"], budget,
+        counts["head_params"], tcfg.select, data.info.get("source"),
     )  # fmt: skip
     logger = RunLogger(run_dir, cfg.logger, resolved, enabled=main)
     if head_fit is not None:
@@ -318,8 +320,18 @@ def _run_locked(
         if result.routing is not None:
             atomic_write_json(run_dir / "routing.json", {"step": result.selection["step"], **result.routing})
         atomic_write_json(run_dir / "metrics.json", metrics)  # last: its presence with "completed" means done
+        log.info("%s", result_line(metrics, task.report_split, run_dir))
     logger.finish({"eval": result.report})
     return metrics
+
+
+def result_line(metrics: dict[str, Any], split: str, run_dir: Path) -> str:
+    """The one line a run ends with: the reported numbers, the step they come from and how it was chosen, where."""
+    nums = ", ".join(f"{k}={v:.4f}" for k, v in (metrics.get("eval") or {}).items() if isinstance(v, (int, float)))
+    sel = metrics.get("selection") or {}
+    how = (f"selected on {sel['split']} {sel['metric']}={sel['value']:.4f}" if sel.get("metric") and sel.get("value")
+           is not None else "the last step")  # fmt: skip
+    return f"{split}: {nums} | step {sel.get('step')} of {metrics.get('total_steps')}, {how} | {run_dir}"
 
 
 def _write_status(run_dir: Path, record: dict) -> None:

@@ -305,7 +305,7 @@ class Trainer:
             self.opt.load_state_dict(resume["optimizer"])
             self.sched.load_state_dict(resume["scheduler"])
             v.update(resume["loop"])
-            rngs = resume.get("rng_per_process") or [resume["rng"]]  # "rng": checkpoints from before per-process states
+            rngs = resume.get("rng_per_process") or [resume["rng"]]  # "rng": one RNG state shared by all processes
             if len(rngs) != acc.num_processes:
                 log.warning("checkpoint from %d process(es), resuming on %d: data order and RNG streams differ from an "
                             "uninterrupted run", len(rngs), acc.num_processes)  # fmt: skip
@@ -381,8 +381,10 @@ class Trainer:
                         t_eval = time.perf_counter()
                         self._eval_step(v, step)
                         v["eval_time"] += time.perf_counter() - t_eval
-                        if v["best_score"] is not None:
-                            post["best"] = f"{v['best_score']:.4f}@{v['best_step']}"
+                        if v["best_score"] is not None:  # the selecting metric as reported, with the step it is from
+                            split = "val" if self.select == "val_from_train" else "dev"
+                            shown = -v["best_score"] if self.select_key == "loss" else v["best_score"]
+                            post[f"best {split}_{self.select_key}"] = f"{shown:.4f}@{v['best_step']}"
                             pbar.set_postfix(post)
                         t0 = time.perf_counter()
                     periodic = ckpt_every and step % ckpt_every == 0 and step < self.total_steps

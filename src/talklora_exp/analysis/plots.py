@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from .collect import Run
-from .tables import GLUE_LABEL, GLUE_ORDER, METHOD_ORDER, _order, by_seed, label
+from .tables import GLUE_LABEL, GLUE_ORDER, METHOD_ORDER, by_seed, in_order, label
 
 COLORS = {"lora": "#4C72B0", "moelora": "#DD8452", "talklora": "#55A868", "dora": "#8172B3", "hira": "#937860",
           "teamlora": "#DA8BC3"}  # fmt: skip
@@ -19,7 +19,7 @@ PALETTE = ["#8C8C8C", "#CCB974", "#64B5CD", "#C44E52", "#1F77B4", "#FF7F0E", "#2
 
 
 def methods_of(runs: list[Run]) -> list[str]:
-    return _order({r.metrics["method"] for r in runs}, METHOD_ORDER)
+    return in_order({r.metrics["method"] for r in runs}, METHOD_ORDER)
 
 
 def color(method: str, all_methods: list[str]) -> str:
@@ -75,7 +75,7 @@ def _curve_grid(
 ) -> list[Path]:
     """One column per task, one row per kind of curve, one line per method (`_curve`), a dashed reference where
     `hlines` has one; the shared layout of the learning and loss curves."""
-    tasks = _order({k[0] for k in series}, GLUE_ORDER)
+    tasks = in_order({k[0] for k in series}, GLUE_ORDER)
     plt = _plt()
     fig, axes = plt.subplots(len(kinds), len(tasks), figsize=(3.0 * len(tasks), 2.5 * len(kinds)), squeeze=False)
     for j, t in enumerate(tasks):
@@ -154,7 +154,7 @@ def grid_curves(runs: list[Run], setting: dict[Path, str], chosen: dict[str, str
     (never used to choose) over steps, one line per setting; the chosen setting is drawn thick. It shows a reader
     whether any setting learns, e.g. a task left at chance by every learning rate."""
     rows = {"val": "validation (chooses)", "eval": "dev (not used)"}
-    tasks = _order({r.metrics["task"] for r in runs}, GLUE_ORDER)
+    tasks = in_order({r.metrics["task"] for r in runs}, GLUE_ORDER)
     if not tasks:
         return []
     plt = _plt()
@@ -195,7 +195,7 @@ def _short(path: str) -> str:
 def expert_load_heatmap(runs: list[Run], out: Path) -> list[Path]:
     routed = [r for r in runs if r.routing]
     g = by_seed(routed)
-    tasks = _order({k[1] for k in g}, GLUE_ORDER)
+    tasks = in_order({k[1] for k in g}, GLUE_ORDER)
     methods = methods_of(routed)
     if not tasks or not methods:
         return []
@@ -234,8 +234,8 @@ def routing_over_training(runs: list[Run], out: Path) -> list[Path]:
                         series[(r.metrics["task"], r.metrics["method"], stat)][int(rec["step"])].append(agg[stat])
     if not series:
         return []
-    tasks = _order({k[0] for k in series}, GLUE_ORDER)
-    ms = _order({k[1] for k in series}, METHOD_ORDER)
+    tasks = in_order({k[0] for k in series}, GLUE_ORDER)
+    ms = in_order({k[1] for k in series}, METHOD_ORDER)
     plt = _plt()
     fig, axes = plt.subplots(2, len(tasks), figsize=(3.0 * len(tasks), 4.4), squeeze=False)
     for j, t in enumerate(tasks):
@@ -263,7 +263,7 @@ def sensitivity_by_layer(runs: list[Run], out: Path) -> list[Path]:
             per[r.metrics["method"]].append([v["sensitivity"] for v in r.routing["layers"].values()])
     if not per:
         return []
-    ms = _order(per, METHOD_ORDER)
+    ms = in_order(per, METHOD_ORDER)
     plt = _plt()
     fig, ax = plt.subplots(figsize=(4.8, 3.0))
     for m in ms:
@@ -280,7 +280,7 @@ def sensitivity_by_layer(runs: list[Run], out: Path) -> list[Path]:
 
 def score_vs_params(runs: list[Run], out: Path) -> list[Path]:
     g = by_seed(runs)
-    tasks = _order({k[1] for k in g}, GLUE_ORDER)
+    tasks = in_order({k[1] for k in g}, GLUE_ORDER)
     if not tasks:
         return []
     ms = methods_of(runs)

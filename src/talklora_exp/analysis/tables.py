@@ -8,6 +8,7 @@ import math
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from scipy import stats
@@ -57,7 +58,8 @@ ROUTING_COLS = [
 ALPHA = 0.05
 
 
-def _order(items, order):
+def in_order(items: Any, order: list[str]) -> list[Any]:
+    """Items in a fixed display order (methods, tasks); unknown ones after, alphabetically."""
     return sorted(items, key=lambda x: (order.index(x) if x in order else len(order), x))
 
 
@@ -162,8 +164,8 @@ def score_table(
     rows, sig_rows = [], []
     short = False
     for budget, model in settings:
-        tasks = _order({k[1] for k in groups if k[3:] == (budget, model)}, order)
-        methods = _order({k[2] for k in groups if k[3:] == (budget, model)}, METHOD_ORDER)
+        tasks = in_order({k[1] for k in groups if k[3:] == (budget, model)}, order)
+        methods = in_order({k[2] for k in groups if k[3:] == (budget, model)}, METHOD_ORDER)
         vals = {(m, t): {s: r.main_value for s, r in groups.get((family, t, m, budget, model), {}).items() if r.main_value is not None}
                 for m in methods for t in tasks}  # fmt: skip
         means = {mt: np.mean(list(v.values())) for mt, v in vals.items() if v}
@@ -216,7 +218,7 @@ def score_table(
                                      f"{100 * diff:+.2f}", "–" if pval is None else f"{pval:.3f}", str(n)])  # fmt: skip
         if len(settings) > 1:
             rows.append([f"_{model}, budget {budget}_"] + [""] * (len(tasks) + 2))
-    task_cols = _order({k[1] for k in groups}, order)
+    task_cols = in_order({k[1] for k in groups}, order)
     header = ["Method", "Adapter params"] + [labels.get(t, t) for t in task_cols] + ["Avg"]
     trivial = {t: trivial[t] for t in task_cols if t in (trivial or {})}
     if trivial:
@@ -247,7 +249,7 @@ def routing_table(runs: list[Run]) -> Table | None:
         key=lambda k: (
             k[4],
             k[3],
-            _order([k[1]], GLUE_ORDER)[0],
+            in_order([k[1]], GLUE_ORDER)[0],
             METHOD_ORDER.index(k[2]) if k[2] in METHOD_ORDER else 9,
         ),
     ):
@@ -296,7 +298,7 @@ def convergence_table(runs: list[Run]) -> Table | None:
     if not groups:
         return None
     rows = []
-    for key in sorted(groups, key=lambda k: (k[4], k[3], _order([k[1]], GLUE_ORDER)[0],
+    for key in sorted(groups, key=lambda k: (k[4], k[3], in_order([k[1]], GLUE_ORDER)[0],
                                              METHOD_ORDER.index(k[2]) if k[2] in METHOD_ORDER else 9, k[2])):  # fmt: skip
         rs = list(groups[key].values())
         frac, v0, v1, d0, d1, best, band, hits = [], [], [], [], [], [], [], 0
@@ -345,7 +347,7 @@ def compute_table(runs: list[Run]) -> Table | None:
         return sum(float(r.metrics.get(key) or 0.0) * int(r.metrics.get("num_processes") or 1) for r in rs) / 3600
 
     rows, all_runs = [], []
-    for task, method in sorted(groups, key=lambda k: (_order([k[0]], GLUE_ORDER)[0], METHOD_ORDER.index(k[1])
+    for task, method in sorted(groups, key=lambda k: (in_order([k[0]], GLUE_ORDER)[0], METHOD_ORDER.index(k[1])
                                                       if k[1] in METHOD_ORDER else 9, k[1])):  # fmt: skip
         rs = groups[(task, method)]
         all_runs += rs
