@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from talklora_exp.methods import build_method, find_target_layers, method_config  # noqa: E402
-from talklora_exp.methods.reference import swap_teamlora_to_loop, swap_to_loop  # noqa: E402
+from talklora_exp.methods.reference import swap_teamlora_to_loop, swap_to_direct, swap_to_loop  # noqa: E402
 from talklora_exp.models import resolve_pretrained  # noqa: E402
 
 QUICK = [(8, 4), (64, 16)]
@@ -130,6 +130,9 @@ def bench_adapters(base, batch, device, configs, steps: int, warmup: int, method
                 variants[f"{m}_loop"] = Stepper(
                     LOOPS[m](build(m, rank, experts, base, **kw)), device, kw_autocast(device)
                 )
+                variants[f"{m}_direct"] = Stepper(
+                    swap_to_direct(build(m, rank, experts, base, **kw)), device, kw_autocast(device)
+                )
         times: dict[str, list[float]] = {k: [] for k in variants}
         for i in range(warmup + steps):
             for k, s in variants.items():  # interleaved: drift and noise hit every variant alike
@@ -146,6 +149,9 @@ def bench_adapters(base, batch, device, configs, steps: int, warmup: int, method
                    "ratio_vs_lora": round(med[name] / med["lora"], 4),
                    "ratio_vs_loop": round(med[name] / med[f"{name}_loop"], 4) if name in LOOPS else None,
                    "loop_ratio_vs_lora": round(med[f"{name}_loop"] / med["lora"], 4) if name in LOOPS else None,
+                   # the peft tuner layer against its experts called directly (the layer before the peft move)
+                   "ratio_vs_direct": round(med[name] / med[f"{name}_direct"], 4) if name in LOOPS else None,
+                   "direct_ratio_vs_lora": round(med[f"{name}_direct"] / med["lora"], 4) if name in LOOPS else None,
                    "peak_mem_ratio_vs_lora": round(mem[name] / mem["lora"], 4),
                    "step_ms": round(1000 * med[name], 2), "lora_step_ms": round(1000 * med["lora"], 2),
                    "tokens_per_s": round(tokens / med[name], 1), "peak_mem_gb": round(mem[name] / 1024**3, 3),
@@ -260,7 +266,8 @@ def bench_paper_shape(args, device, methods) -> dict:
 def _fmt_row(r: dict) -> str:
     f = lambda v: f"{v:>6.3f}x" if v is not None else "      –"  # noqa: E731
     return (f"| {r['method']:<8} | {r['rank']:>4} | {r['experts']:>2} | {f(r['ratio_vs_lora'])} | {f(r['ratio_vs_loop'])} "
-            f"| {f(r['loop_ratio_vs_lora'])} | {f(r['peak_mem_ratio_vs_lora'])} | {r['step_ms']:>8.1f} |")  # fmt: skip
+            f"| {f(r['loop_ratio_vs_lora'])} | {f(r.get('ratio_vs_direct'))} | {f(r['peak_mem_ratio_vs_lora'])} "
+            f"| {r['step_ms']:>8.1f} |")  # fmt: skip
 
 
 def main() -> None:
@@ -292,8 +299,8 @@ def main() -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     meta = {"device": name, "threads": torch.get_num_threads(), "torch": torch.__version__}
     args.out.mkdir(parents=True, exist_ok=True)
-    print("| method   | rank |  E | vs LoRA | vs loop | loop vs LoRA | mem vs LoRA | step ms |")
-    print("|----------|------|----|---------|---------|--------------|-------------|---------|")
+    print("| method   | rank |  E | vs LoRA | vs loop | loop vs LoRA | vs direct | mem vs LoRA | step ms |")
+    print("|----------|------|----|---------|---------|--------------|-----------|-------------|---------|")
     if args.paper_shape:
         args.batch, args.seq, args.steps = args.batch or 8, args.seq or 256, args.steps or 6
         out = bench_paper_shape(args, device, methods)

@@ -57,7 +57,7 @@ def test_loss_goes_down_contract_and_reload(glue_dir: Path, tmp_path: Path, meth
     base = load_model(cfg.model, build_task(cfg.task), cfg.paths.cache_dir, tok, cpu=True)
     theirs = PeftModel.from_pretrained(base, run_dir / "adapter").eval()
     b = build(cfg)
-    ours = b["method"].load(b["model"], run_dir / "adapter").eval()
+    ours = b.method.load(b.model, run_dir / "adapter").eval()
     batch = tok(["a fine film", "dull and slow"], return_tensors="pt", padding=True)
     with torch.no_grad():
         torch.testing.assert_close(theirs(**batch).logits, ours(**batch).logits, rtol=0, atol=1e-6)

@@ -275,3 +275,25 @@ def test_examples_without_supervised_tokens_are_dropped(tmp_path: Path):
     data = task.load(CharTok(), str(root), 0, None, None)
     assert data.info["dropped_no_target"] == 1 and data.info["n_train"] == 11 == len(data.train)
     assert all(any(t != IGNORE for t in f["labels"]) for f in data.train.features)
+
+
+@pytest.mark.slow
+def test_zero_shot_row_evaluates_the_base_model_once(tmp_path: Path):
+    """method=none: no adapter, no step; the same prompts, decoding and extraction; the base model's generations are
+    exactly what the model gives without any adapter; metrics.json as any run; evaluate reproduces it."""
+    from talklora_exp.evaluate import evaluate_run
+    from talklora_exp.run import run
+
+    root = make_cs_dir(tmp_path / "data")
+    over = ["method=none", "model=smollm2-135m", "task=commonsense/boolq", f"paths.data_dir={root}",
+            "trainer.max_eval_samples=4", "eval.max_new_tokens=8", "trainer.progress=false", "task.val_size=2"]  # fmt: skip
+    m = run(compose_cfg(over), tmp_path / "run")
+    assert m["status"] == "completed" and m["adapter_params"] == 0 and m["trainable_params"] == 0
+    assert m["selection"] == {"protocol": "none", "split": None, "metric": None, "step": 0, "value": None}
+    assert m["total_steps"] == 0 and m["report_evals"] == 1 and "loss" in m["val"]
+    preds = [json.loads(x) for x in (tmp_path / "run" / "predictions.jsonl").read_text().splitlines()]
+    assert len(preds) == 4 and m["eval"]["accuracy"] == sum(p["correct"] for p in preds) / 4
+    again, _ = evaluate_run(tmp_path / "run")
+    assert again == pytest.approx(m["eval"])
+    with pytest.raises(UserError, match="method=none evaluates the base model zero-shot"):
+        run(compose_cfg(["method=none", "task=glue/rte"]), tmp_path / "glue")

@@ -140,7 +140,7 @@ def test_siamese_logits_are_each_sentence_encoded_alone(glue_dir, tmp_path):
             "trainer.progress=false", "task.val_size=8", "trainer.lr=2e-3", "trainer.checkpoint_every=null",
             "trainer.log_every=1"]  # fmt: skip
     b = build(compose_cfg(over))
-    task, tok, model = b["task"], b["tokenizer"], b["model"]
+    task, tok, model = b.task, b.tokenizer, b.model
     data = task.load(tok, str(glue_dir), 32, None, None, val_size=8)
     ex = [data.train[i] for i in range(3)]
     assert tok.decode(ex[0]["input_ids_b"], skip_special_tokens=True).startswith("2nd :")  # sentence2 is the b side
@@ -197,7 +197,7 @@ def test_cosine_logits_read_each_sentence_embedding_and_the_fit_lands_in_the_run
             "trainer.max_steps=4", "trainer.eval_every=2", "trainer.batch_size=4", "model.max_length=32",
             "trainer.progress=false", "task.val_size=8", "trainer.lr=2e-3", "trainer.checkpoint_every=null"]  # fmt: skip
     b = build(compose_cfg(over))
-    task, tok, model = b["task"], b["tokenizer"], b["model"]
+    task, tok, model = b.task, b.tokenizer, b.model
     assert not any("pooler" in n for n, _ in model.named_parameters())  # the dense + tanh is gone, not just frozen
     data = task.load(tok, str(glue_dir), 32, None, None, val_size=8)
     ex = [data.train[i] for i in range(3)]

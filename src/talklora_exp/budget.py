@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from .choices import BUDGET_TYPES
 from .errors import UserError
 from .methods.base import Method, TargetLayer
 
@@ -31,12 +32,14 @@ def target_params(bcfg: Any, layers: list[TargetLayer]) -> int | None:
         return sum(r * (t.d_in + t.d_out) for t in layers)  # LoRA r on the same targets
     if kind == "absolute":
         return int(bcfg.params)
-    raise UserError(f"budget.type={kind!r}; allowed: ['none', 'relative', 'absolute']")
+    raise UserError(f"budget.type={kind!r}; allowed: {list(BUDGET_TYPES)}")
 
 
 def solve(method: Method, layers: list[TargetLayer], bcfg: Any, given_rank: int, num_experts: int = 1) -> BudgetResult:
     """Closest rank (multiple of num_experts) to the budget; a clear error when nothing is within tolerance."""
     target = target_params(bcfg, layers)
+    if method.name == "none":  # no adapter: no rank, no budget to meet
+        return BudgetResult(bcfg.name, 0, None, 0, None)
     if target is None:
         return BudgetResult(bcfg.name, given_rank, None, method.param_count(layers, given_rank), None)
     if target <= 0:

@@ -77,8 +77,6 @@ def evaluate_run(
     run_dir, overrides = Path(run_dir), list(overrides or [])
     if read_status(run_dir) != "completed":
         raise UserError(f"{run_dir}: not a completed run (metrics.json status is {read_status(run_dir)!r})")
-    if not (run_dir / "adapter").is_dir():
-        raise UserError(f"{run_dir}/adapter not found (adapters are not committed with result files; rerun to get one)")
     try:
         cfg = OmegaConf.load(run_dir / "config.yaml")
     except Exception as e:  # missing, unreadable, not YAML
@@ -91,6 +89,9 @@ def evaluate_run(
         or not OmegaConf.is_dict(cfg.get("method"))
     ):
         raise UserError(f"{run_dir}/config.yaml is not a run config (no model/method sections)")
+    zero_shot = cfg.method.get("name") == "none"  # the base model as it is: no adapter to load
+    if not zero_shot and not (run_dir / "adapter").is_dir():
+        raise UserError(f"{run_dir}/adapter not found (adapters are not committed with result files; rerun to get one)")
     with read_write(cfg), open_dict(cfg):
         cfg.budget = {"name": "none", "type": "none"}  # the rank is already resolved in config.yaml
         # a run dir is untrusted input: its config never turns on remote code; only this command's flag does
@@ -104,17 +105,17 @@ def evaluate_run(
         mixed_precision=resolve_mixed_precision(str(tcfg.mixed_precision), bool(tcfg.cpu)), cpu=bool(tcfg.cpu)
     )
     b = build(cfg, acc)
-    model = _load_adapter(b["method"], b["model"], run_dir / "adapter")
-    data = load_data(cfg, b["task"], b["tokenizer"])
+    model = b.model if zero_shot else _load_adapter(b.method, b.model, run_dir / "adapter")
+    data = load_data(cfg, b.task, b.tokenizer)
     splits = data.evals if split == "report" else data.val_evals
     if not splits:
         raise UserError(f"{run_dir}: the run has no {split} split (trainer.select={tcfg.select})")
-    collate = b["task"].collator(b["tokenizer"])
+    collate = b.task.collator(b.tokenizer)
     model = acc.prepare(model)
     loaders = {k: acc.prepare(DataLoader(v, batch_size=int(tcfg.eval_batch_size), shuffle=False, collate_fn=collate))
                for k, v in splits.items()}  # fmt: skip
-    hooks = b["method"].hooks(model)
-    metrics = b["task"].evaluate(model, loaders, acc, on_batch=hooks.set_batch)
+    hooks = b.method.hooks(model)
+    metrics = b.task.evaluate(model, loaders, acc, on_batch=hooks.set_batch)
     name = re.sub(r"[^A-Za-z0-9_.=+-]+", "_", ",".join(overrides)) or "default"
     out = run_dir / f"evaluate-{name}.json"
     if acc.is_main_process:

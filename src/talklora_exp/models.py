@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from .choices import PAIR_ENCODINGS, POOLING
 from .errors import UserError
 from .validate import safe_name
 
@@ -302,7 +303,7 @@ def apply_pooling(model: Any, mode: str) -> Any:
     if mode == "cls":
         return model
     if mode != "mean":
-        raise UserError(f"model.pooling={mode!r}; allowed: ['cls', 'mean']")
+        raise UserError(f"model.pooling={mode!r}; allowed: {list(POOLING)}")
     enc = model.base_model
     pooler = getattr(enc, "pooler", None)
     if pooler is None or not hasattr(pooler, "dense"):
@@ -357,7 +358,6 @@ class CosineHead(torch.nn.Module):
         return self.out(cos.unsqueeze(-1))
 
 
-PAIR_ENCODINGS = ("cross", "siamese", "cosine")
 TWO_TOWER = ("siamese", "cosine")  # encodings that encode each sentence of a pair as its own row
 
 

@@ -8,6 +8,7 @@ import logging
 import shutil
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +59,19 @@ def set_resolved(cfg: DictConfig, key: str, value: Any) -> None:
         OmegaConf.update(cfg, key, value, merge=False)
 
 
-def build(cfg: DictConfig, accelerator: Accelerator | None = None) -> dict[str, Any]:
+@dataclass
+class Built:
+    """What `build` returns: everything a run (or a re-evaluation) needs before data and training."""
+
+    task: Any
+    tokenizer: Any
+    model: torch.nn.Module  # the peft model: adapters injected, heads as modules_to_save
+    method: Any
+    budget: budget_mod.BudgetResult
+    layers: list  # the adapted layers (TargetLayer)
+
+
+def build(cfg: DictConfig, accelerator: Accelerator | None = None) -> Built:
     """Task, tokenizer, model with adapters injected (rank from the budget), method and data."""
     validate_config(cfg)
     mcfg = method_config(cfg.method)
@@ -89,7 +102,7 @@ def build(cfg: DictConfig, accelerator: Accelerator | None = None) -> dict[str, 
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     task.tokenizer, task.gen = tok, cfg.get("eval")
-    return {"task": task, "tokenizer": tok, "model": model, "method": method, "budget": res, "layers": layers}
+    return Built(task, tok, model, method, res, layers)
 
 
 def keep_heads_precise(model: torch.nn.Module, heads: list[str], adapter_dtype: str) -> None:
@@ -230,7 +243,7 @@ def _run_locked(
     hashes = {"config_hash": ident["config_hash"], "group_hash": ident["group_hash"]}
     try:
         b = build(cfg, acc)
-        task, tok, model, method, bres = b["task"], b["tokenizer"], b["model"], b["method"], b["budget"]
+        task, tok, model, method, bres = b.task, b.tokenizer, b.model, b.method, b.budget
         if main:
             atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
         data = load_data(cfg, task, tok)

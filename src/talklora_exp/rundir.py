@@ -10,6 +10,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from .choices import LOGGER_MODES
+
 
 def _clean(o: Any) -> Any:
     """JSON has no NaN/inf: write them as null so files stay valid for every reader."""
@@ -131,8 +133,8 @@ def _init_wandb(run_dir: Path, lcfg: Any, config: dict) -> Any:
     from .errors import UserError
 
     mode = str(lcfg.get("mode", "offline"))
-    if mode not in ("offline", "online", "disabled"):
-        raise UserError(f"logger.mode={mode!r}; allowed: ['offline', 'online', 'disabled']")
+    if mode not in LOGGER_MODES:
+        raise UserError(f"logger.mode={mode!r}; allowed: {list(LOGGER_MODES)}")
     import wandb
 
     if mode == "online" and not (os.environ.get("WANDB_API_KEY") or Path("~/.netrc").expanduser().exists()):

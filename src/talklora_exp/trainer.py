@@ -8,7 +8,7 @@ import math
 import signal
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from . import checkpoint as ckpt
+from .choices import MIXED_PRECISION, SELECT_METRICS, SELECT_PROTOCOLS
 from .errors import UserError
 from .methods.base import TrainHooks
 from .rundir import RunLogger
@@ -68,16 +69,12 @@ def resolve_mixed_precision(requested: str, cpu: bool) -> str:
     if requested == "auto":
         return "bf16" if has_cuda and torch.cuda.is_bf16_supported() else "no"
     if requested not in ("no", "bf16", "fp16"):
-        raise UserError(f"trainer.mixed_precision={requested!r}; allowed: ['auto', 'no', 'bf16', 'fp16']")
+        raise UserError(f"trainer.mixed_precision={requested!r}; allowed: {list(MIXED_PRECISION)}")
     if requested == "fp16" and not has_cuda:
         raise UserError("trainer.mixed_precision=fp16 needs a CUDA GPU; this run is on CPU (use 'no' or 'auto')")
     if requested == "bf16" and has_cuda and not torch.cuda.is_bf16_supported():
         raise UserError("trainer.mixed_precision=bf16: this GPU does not support bf16 (use fp16 or 'no')")
     return requested
-
-
-SELECT_PROTOCOLS = ("val_from_train", "best_dev", "last")
-SELECT_METRICS = ("loss", "main")
 
 
 @dataclass
@@ -230,8 +227,8 @@ class Trainer:
         """Higher is better: the negated loss, or the main metric."""
         return -metrics["loss"] if self.select_key == "loss" else metrics.get(self.select_key)
 
-    def _eval_step(self, v: dict[str, Any], step: int) -> None:
-        rec: dict[str, Any] = {"step": step, "epoch": v["epoch"]}
+    def _eval_step(self, v: LoopState, step: int) -> None:
+        rec: dict[str, Any] = {"step": step, "epoch": v.epoch}
         score, report, routing = None, None, None
         if self.select == "val_from_train":
             rec["val"] = self.validate()
@@ -244,17 +241,16 @@ class Trainer:
             if self.select == "best_dev":
                 score = self._score(report)
         self.logger.log(rec)
-        if self.select != "last" and is_better(score, v["best_score"]):
-            v.update(best_score=score, best_step=step, best_val=rec.get("val"), best_snap=self._snapshot())
+        if self.select != "last" and is_better(score, v.best_score):
+            v.best_score, v.best_step, v.best_val, v.best_snap = score, step, rec.get("val"), self._snapshot()
             if self.select == "best_dev":
-                v.update(
-                    best_eval=report, best_routing=routing, best_preds=getattr(self.task, "last_predictions", None)
-                )
+                v.best_eval, v.best_routing = report, routing
+                v.best_preds = getattr(self.task, "last_predictions", None)
         if report is not None:
-            v["last_eval"] = report
+            v.last_eval = report
 
     # -- training ---------------------------------------------------------------------------------------------------
-    def _state(self, v: dict[str, Any], rngs: list[dict[str, Any]]) -> dict[str, Any]:
+    def _state(self, v: LoopState, rngs: list[dict[str, Any]]) -> dict[str, Any]:
         """Everything needed to continue bit-for-bit: weights, optimizer, scheduler, RNGs, data position, best-so-far.
         Each process keeps its own RNG state (`rng_per_process`): ranks see batches of different lengths, so their
         dropout draws, and hence their generators, drift apart."""
@@ -263,7 +259,7 @@ class Trainer:
             "optimizer": self.opt.state_dict(),
             "scheduler": self.sched.state_dict(),
             "rng_per_process": rngs,
-            "loop": {k: v[k] for k in LOOP_KEYS},
+            "loop": v.state_dict(),
             "config_hash": self.config_hash,
         }
 
@@ -283,16 +279,15 @@ class Trainer:
     def fit(self, resume: dict[str, Any] | None = None, eval_time_before: float = 0.0) -> FitResult:
         """Train, select, report. `eval_time_before`: seconds of forward passes made for this run before training (the
         cosine head's fit on train), counted as evaluation time so the compute tables include them."""
+        if not self.trainable:
+            return self._zero_shot(eval_time_before)
         cfg, acc = self.cfg, self.acc
         log_every = int(cfg.log_every)
         stats_every = int(cfg.routing_stats_every) if cfg.routing_stats_every else 0
         ckpt_every = int(cfg.checkpoint_every) if cfg.get("checkpoint_every") else 0
         rec = self.hooks.routing
         pending_rng: dict[str, Any] | None = None
-        v: dict[str, Any] = dict(step=0, samples=0, epoch=0, batch_in_epoch=0, train_time=0.0,
-                                 eval_time=float(eval_time_before), best_score=None, best_step=0,
-                                 best_val=None, best_eval=None, best_routing=None, best_snap=None, best_preds=None,
-                                 last_eval=None, run_loss=0.0, n_micro=0, epoch_gen_state=None)  # fmt: skip
+        v = LoopState(eval_time=float(eval_time_before))
         if resume is not None:
             saved = [tuple(t.shape) for t in resume["trainable"]]
             if saved != [tuple(p.shape) for p in self.trainable]:
@@ -304,7 +299,7 @@ class Trainer:
                     p.copy_(t.to(p.device, p.dtype))
             self.opt.load_state_dict(resume["optimizer"])
             self.sched.load_state_dict(resume["scheduler"])
-            v.update(resume["loop"])
+            v.load_state_dict(resume["loop"])
             rngs = resume.get("rng_per_process") or [resume["rng"]]  # "rng": one RNG state shared by all processes
             if len(rngs) != acc.num_processes:
                 log.warning("checkpoint from %d process(es), resuming on %d: data order and RNG streams differ from an "
@@ -313,37 +308,37 @@ class Trainer:
             # A DataLoader without a generator of its own (the length-grouped one) draws its base seed from the global
             # RNG when its iterator starts. An uninterrupted run made that draw at the epoch's start, before the
             # checkpoint; so a mid-epoch resume puts the RNG back after the new iterator's first batch.
-            if v["batch_in_epoch"]:
+            if v.batch_in_epoch:
                 pending_rng = rng
             else:
                 ckpt.set_rng_state(rng)
-        run_loss = torch.tensor(float(v["run_loss"]), device=acc.device)
+        run_loss = torch.tensor(float(v.run_loss), device=acc.device)
         post: dict[str, str] = {}
-        pbar = tqdm(total=self.total_steps, initial=v["step"], disable=not (cfg.progress and acc.is_main_process),
+        pbar = tqdm(total=self.total_steps, initial=v.step, disable=not (cfg.progress and acc.is_main_process),
                     desc=f"{self.task.name}", unit="step", dynamic_ncols=True)  # fmt: skip
         stop = _SignalCatcher()
         self.model.train()
         t0 = time.perf_counter()
         try:
-            while v["step"] < self.total_steps:
-                set_epoch(self.train_dl, self.length_sampler, v["epoch"])
+            while v.step < self.total_steps:
+                set_epoch(self.train_dl, self.length_sampler, v.epoch)
                 dl = self.train_dl
-                if v["batch_in_epoch"]:  # resuming mid-epoch: the epoch's shuffle order, minus the batches done
-                    self.gen.set_state(v["epoch_gen_state"])
-                    dl = skip_first_batches(self.train_dl, v["batch_in_epoch"])
+                if v.batch_in_epoch:  # resuming mid-epoch: the epoch's shuffle order, minus the batches done
+                    self.gen.set_state(v.epoch_gen_state)
+                    dl = skip_first_batches(self.train_dl, v.batch_in_epoch)
                 else:
-                    v["epoch_gen_state"] = self.gen.get_state()
+                    v.epoch_gen_state = self.gen.get_state()
                 for batch in dl:
                     if pending_rng is not None:
                         ckpt.set_rng_state(pending_rng)
                         pending_rng = None
-                    v["batch_in_epoch"] += 1
+                    v.batch_in_epoch += 1
                     self.hooks.set_batch(batch)
                     with acc.accumulate(self.model):
                         # decided inside accumulate(), where sync_gradients says whether this micro-batch ends the
                         # optimizer step: one routing snapshot per optimizer step, on its last micro-batch
                         stats_now = bool(stats_every and rec is not None and acc.sync_gradients
-                                         and (v["step"] + 1) % stats_every == 0)  # fmt: skip
+                                         and (v.step + 1) % stats_every == 0)  # fmt: skip
                         if stats_now:
                             rec.start()
                         loss = self.model(**batch).loss
@@ -354,44 +349,44 @@ class Trainer:
                         self.opt.step()
                         self.opt.zero_grad(set_to_none=True)
                     run_loss += loss.detach()
-                    v["n_micro"] += 1
+                    v.n_micro += 1
                     # count examples: a siamese batch holds 2 rows per example
                     rows = batch["labels"] if "labels" in batch else batch["input_ids"]
-                    v["samples"] += int(rows.shape[0]) * acc.num_processes
+                    v.samples += int(rows.shape[0]) * acc.num_processes
                     if stats_now:
-                        self.logger.log({"step": v["step"] + 1, "routing_train": rec.stop()["aggregate"]})
+                        self.logger.log({"step": v.step + 1, "routing_train": rec.stop()["aggregate"]})
                     if not acc.sync_gradients:
                         continue
                     self.sched.step()
-                    v["step"] += 1
-                    step = v["step"]
+                    v.step += 1
+                    step = v.step
                     pbar.update(1)
                     if step % log_every == 0 or step == self.total_steps:
                         self._check_finite(run_loss, step)
-                        mean_loss = acc.reduce(run_loss, "mean").item() / v["n_micro"]
-                        self.logger.log({"step": step, "epoch": v["epoch"], "loss": mean_loss,
+                        mean_loss = acc.reduce(run_loss, "mean").item() / v.n_micro
+                        self.logger.log({"step": step, "epoch": v.epoch, "loss": mean_loss,
                                          "grad_norm": float(grad_norm), "lr": self.sched.get_last_lr()[0],
-                                         "samples": v["samples"]})  # fmt: skip
+                                         "samples": v.samples})  # fmt: skip
                         post["loss"] = f"{mean_loss:.4f}"
                         pbar.set_postfix(post)
                         run_loss.zero_()
-                        v["n_micro"] = 0
+                        v.n_micro = 0
                     if step % self.eval_every == 0 or step == self.total_steps:
-                        v["train_time"] += time.perf_counter() - t0
+                        v.train_time += time.perf_counter() - t0
                         t_eval = time.perf_counter()
                         self._eval_step(v, step)
-                        v["eval_time"] += time.perf_counter() - t_eval
-                        if v["best_score"] is not None:  # the selecting metric as reported, with the step it is from
+                        v.eval_time += time.perf_counter() - t_eval
+                        if v.best_score is not None:  # the selecting metric as reported, with the step it is from
                             split = "val" if self.select == "val_from_train" else "dev"
-                            shown = -v["best_score"] if self.select_key == "loss" else v["best_score"]
-                            post[f"best {split}_{self.select_key}"] = f"{shown:.4f}@{v['best_step']}"
+                            shown = -v.best_score if self.select_key == "loss" else v.best_score
+                            post[f"best {split}_{self.select_key}"] = f"{shown:.4f}@{v.best_step}"
                             pbar.set_postfix(post)
                         t0 = time.perf_counter()
                     periodic = ckpt_every and step % ckpt_every == 0 and step < self.total_steps
                     if self.ckpt_root is not None and (periodic or stop.signal):
                         self._check_finite(run_loss, step)
-                        v["run_loss"] = float(run_loss.item())
-                        v["train_time"] += time.perf_counter() - t0
+                        v.run_loss = float(run_loss.item())
+                        v.train_time += time.perf_counter() - t0
                         t0 = time.perf_counter()
                         self._save_checkpoint(v, step)
                     if stop.signal:
@@ -400,48 +395,48 @@ class Trainer:
                         )
                     if step >= self.total_steps:
                         break
-                v["epoch"] += 1
-                v["batch_in_epoch"] = 0
-            v["train_time"] += time.perf_counter() - t0
+                v.epoch += 1
+                v.batch_in_epoch = 0
+            v.train_time += time.perf_counter() - t0
             pbar.close()
             stop.immediate = True  # a signal now stops the final evaluation at once
             try:
                 return self._finish(v)
             except TrainingInterrupted:
                 if self.ckpt_root is not None:  # training is done: a resume only re-runs the final evaluation
-                    self._save_checkpoint(v, v["step"])
+                    self._save_checkpoint(v, v.step)
                 raise TrainingInterrupted(
-                    f"{stop.signal} during the final evaluation; checkpoint saved at step {v['step']}, resume with "
+                    f"{stop.signal} during the final evaluation; checkpoint saved at step {v.step}, resume with "
                     "trainer.resume=auto to evaluate without retraining"
                 ) from None
         finally:
             stop.restore()
             pbar.close()
 
-    def _save_checkpoint(self, v: dict[str, Any], step: int) -> None:
+    def _save_checkpoint(self, v: LoopState, step: int) -> None:
         acc = self.acc
         rngs = gather_object([ckpt.rng_state()]) if acc.num_processes > 1 else [ckpt.rng_state()]
         if acc.is_main_process:
             ckpt.save(self.ckpt_root, step, self._state(v, rngs))
         acc.wait_for_everyone()
 
-    def _finish(self, v: dict[str, Any]) -> FitResult:
+    def _finish(self, v: LoopState) -> FitResult:
         """Restore the selected weights and evaluate the reported split with them (once, unless best_dev already did)."""
-        step, t_report = v["step"], time.perf_counter()
-        selected = v["best_step"] if v["best_snap"] is not None else step  # metric undefined at every eval: the last
+        step, t_report = v.step, time.perf_counter()
+        selected = v.best_step if v.best_snap is not None else step  # metric undefined at every eval: the last
         if selected != step:
-            self._restore(v["best_snap"])  # the saved adapter reproduces the reported metrics
-        if self.select == "best_dev" and v["best_eval"] is not None:
-            report, routing, preds = v["best_eval"], v["best_routing"], v["best_preds"]
-        elif self.select == "best_dev" and v["last_eval"] is not None:
-            report, routing, preds = v["last_eval"], None, getattr(self.task, "last_predictions", None)
+            self._restore(v.best_snap)  # the saved adapter reproduces the reported metrics
+        if self.select == "best_dev" and v.best_eval is not None:
+            report, routing, preds = v.best_eval, v.best_routing, v.best_preds
+        elif self.select == "best_dev" and v.last_eval is not None:
+            report, routing, preds = v.last_eval, None, getattr(self.task, "last_predictions", None)
         else:
             report, routing = self.evaluate()
             preds = getattr(self.task, "last_predictions", None)
             rec_ = {"step": step, "split": self.task.report_split, "report": report, "selected_step": selected}
             self.logger.log(rec_)
         split = {"val_from_train": "val", "best_dev": "dev", "last": None}[self.select]
-        value = v["best_score"]
+        value = v.best_score
         if self.select_key == "loss" and value is not None:
             value = -value
         selection = {
@@ -451,12 +446,53 @@ class Trainer:
             "step": selected,
             "value": value,
         }
-        return FitResult(selection, report, v["best_val"], routing, preds, step, v["train_time"],
-                         v["eval_time"] + time.perf_counter() - t_report, v["samples"], self.report_evals)  # fmt: skip
+        return FitResult(selection, report, v.best_val, routing, preds, step, v.train_time,
+                         v.eval_time + time.perf_counter() - t_report, v.samples, self.report_evals)  # fmt: skip
+
+    def _zero_shot(self, eval_time_before: float) -> FitResult:
+        """Nothing to train (`method=none`): the validation loss for reference, and the reported split once."""
+        t = time.perf_counter()
+        val = self.validate() if self.val_dl is not None else None
+        report, routing = self.evaluate()
+        preds = getattr(self.task, "last_predictions", None)
+        self.logger.log({"step": 0, "split": self.task.report_split, "report": report, "selected_step": 0, "val": val})
+        selection = {"protocol": "none", "split": None, "metric": None, "step": 0, "value": None}
+        return FitResult(selection, report, val, routing, preds, 0, 0.0,
+                         eval_time_before + time.perf_counter() - t, 0, self.report_evals)  # fmt: skip
 
 
-LOOP_KEYS = ("step", "samples", "epoch", "batch_in_epoch", "train_time", "eval_time", "best_score", "best_step",
-             "best_val", "best_eval", "best_routing", "best_snap", "best_preds", "last_eval", "run_loss", "n_micro", "epoch_gen_state")  # fmt: skip
+@dataclass
+class LoopState:
+    """The training loop's position and best-so-far: everything a checkpoint needs beyond weights, optimizer,
+    scheduler and RNGs to continue bit for bit. `state_dict()` is what checkpoints store under "loop"."""
+
+    step: int = 0
+    samples: int = 0  # training examples seen (all processes)
+    epoch: int = 0
+    batch_in_epoch: int = 0  # micro-batches of the current epoch already consumed
+    train_time: float = 0.0  # seconds in the training loop, summed over resumes
+    eval_time: float = 0.0  # seconds in evaluation, summed over resumes
+    best_score: float | None = None  # the selecting metric, higher is better (the loss negated)
+    best_step: int = 0
+    best_val: dict | None = None  # validation metrics at best_step
+    best_eval: dict | None = None  # reported-split metrics at best_step (best_dev only)
+    best_routing: dict | None = None
+    best_snap: dict | None = None  # the trainable tensors at best_step
+    best_preds: list | None = None
+    last_eval: dict | None = None
+    run_loss: float = 0.0  # the loss summed since the last log record
+    n_micro: int = 0  # micro-batches in run_loss
+    epoch_gen_state: Any = None  # the epoch's shuffling generator state, for a mid-epoch resume
+
+    def state_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def load_state_dict(self, d: dict[str, Any]) -> None:
+        unknown = sorted(set(d) - {f.name for f in fields(self)})
+        if unknown:
+            raise UserError(f"checkpoint: unknown loop state {unknown} (written by another version of the code?)")
+        for k, val in d.items():
+            setattr(self, k, val)
 
 
 class TrainingInterrupted(KeyboardInterrupt):

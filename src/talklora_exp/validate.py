@@ -10,6 +10,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from . import choices as C
 from .errors import UserError
 
 _MISSING = object()
@@ -33,28 +34,28 @@ RULES: dict[str, tuple[str, Any]] = {
     "trainer.max_train_samples": ("int?", (1, None)),
     "trainer.max_eval_samples": ("int?", (1, None)),
     "trainer.group_by_length": ("bool", None),
-    "trainer.mixed_precision": ("choice", ("auto", "no", "bf16", "fp16")),
+    "trainer.mixed_precision": ("choice", C.MIXED_PRECISION),
     "trainer.cpu": ("bool", None),
     "trainer.num_workers": ("int", (0, None)),
     "trainer.progress": ("bool", None),
     "trainer.routing_stats_every": ("int?", (1, None)),
     "trainer.checkpoint_every": ("int?", (1, None)),
-    "trainer.resume": ("choice", (None, "auto")),
+    "trainer.resume": ("choice", C.RESUME),
     "trainer.deterministic": ("bool", None),
-    "trainer.select": ("choice", ("val_from_train", "best_dev", "last")),
-    "trainer.select_metric": ("choice", ("loss", "main")),
+    "trainer.select": ("choice", C.SELECT_PROTOCOLS),
+    "trainer.select_metric": ("choice", C.SELECT_METRICS),
     "trainer.dev_curve": ("bool", None),
     "trainer.gradient_checkpointing": ("bool", None),
     "model.max_length": ("int", (1, None)),
-    "model.dtype": ("choice", ("auto", "bf16", "fp16", "fp32")),
-    "model.pooling": ("choice", ("cls", "mean")),
-    "model.pair_encoding": ("choice", ("cross", "siamese", "cosine")),
+    "model.dtype": ("choice", C.MODEL_DTYPES),
+    "model.pooling": ("choice", C.POOLING),
+    "model.pair_encoding": ("choice", C.PAIR_ENCODINGS),
     "model.num_layers": ("int?", (1, None)),
     "task.val_size": ("int", (0, None)),
     "task.val_seed": ("int", (0, 2**32 - 1)),
     "task.prompt_max_length": ("int", (1, None)),
     "task.response_max_length": ("int", (1, None)),
-    "task.prompt_truncation": ("choice", ("left", "right")),
+    "task.prompt_truncation": ("choice", C.PROMPT_TRUNCATION),
     "task.train_bos": ("bool", None),
     "task.train_eos": ("bool", None),
     "task.test_bos": ("bool", None),

@@ -17,9 +17,9 @@ from .collect import Run
 
 # Display order and names of the known methods; any other method found in the runs is shown too, under its own name,
 # after these (nothing is ever dropped for being unknown).
-METHOD_ORDER = ["lora", "dora", "hira", "moelora", "teamlora", "talklora"]
-METHOD_LABEL = {"lora": "LoRA", "dora": "DoRA", "hira": "HiRA", "moelora": "MoELoRA", "teamlora": "TeamLoRA",
-                "talklora": "TalkLoRA"}  # fmt: skip
+METHOD_ORDER = ["none", "lora", "dora", "hira", "moelora", "teamlora", "talklora"]
+METHOD_LABEL = {"none": "Zero-shot (no training)", "lora": "LoRA", "dora": "DoRA", "hira": "HiRA", "moelora": "MoELoRA",
+                "teamlora": "TeamLoRA", "talklora": "TalkLoRA"}  # fmt: skip
 MARKS = ["†", "‡", "§", "¶", "♯", "♮", "♭"]  # one per baseline, in the order given
 TEX_MARKS = {"†": r"$^\dagger$", "‡": r"$^\ddagger$", "§": r"$^\S$", "¶": r"$^\P$", "♯": r"$^\sharp$",
              "♮": r"$^\natural$", "♭": r"$^\flat$", "↓": r"$^\downarrow$"}  # fmt: skip

@@ -8,9 +8,10 @@ from typing import Any
 
 from ..errors import UserError
 from .base import Method, TargetLayer, find_target_layers
-from .config import DoRAConfig, HiRAConfig, LoRAConfig, MethodConfig, MixtureConfig, TeamLoRAConfig
+from .config import DoRAConfig, HiRAConfig, LoRAConfig, MethodConfig, MixtureConfig, NoneConfig, TeamLoRAConfig
 from .hira import HiRAMethod
 from .lora import DoRAMethod, LoRAMethod
+from .none import NoneMethod
 from .talklora import MixtureMethod
 from .teamlora import TeamLoRAMethod
 
@@ -21,6 +22,7 @@ METHODS: dict[str, tuple[type[Method], type[MethodConfig]]] = {
     "teamlora": (TeamLoRAMethod, TeamLoRAConfig),
     "hira": (HiRAMethod, HiRAConfig),
     "dora": (DoRAMethod, DoRAConfig),
+    "none": (NoneMethod, NoneConfig),
 }
 
 

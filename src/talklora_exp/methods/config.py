@@ -8,6 +8,7 @@ import dataclasses
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
+from ..choices import ADAPTER_DTYPES
 from ..errors import UserError
 from ..tuners.talklora import ROUTER_INPUTS, TALK_MODES
 
@@ -24,7 +25,7 @@ class MethodConfig:
     num_experts: int = 1  # budget solving searches ranks that are multiples of this
     adapter_dtype: str = "fp32"  # adapters are kept at least this precise (upstream: fp32 adapters on a bf16 base)
 
-    choices: ClassVar[dict[str, tuple]] = {"adapter_dtype": ("fp32", "bf16", "fp16")}
+    choices: ClassVar[dict[str, tuple]] = {"adapter_dtype": ADAPTER_DTYPES}
 
     @classmethod
     def from_dict(cls, d: Any) -> MethodConfig:
@@ -164,3 +165,11 @@ class TeamLoRAConfig(MethodConfig):
             raise _fail("alpha", self.alpha, "a positive number")
         if self.balance_loss < 0:
             raise _fail("balance_loss", self.balance_loss, "a number >= 0")
+
+
+@dataclass
+class NoneConfig(MethodConfig):
+    """`method=none`: no adapter, no training (the zero-shot row). Its fields exist only so every method config has
+    the same shape; none of them acts."""
+
+    dropout: float = 0.0

@@ -110,3 +110,22 @@ class LoopTeamLoRALinear(nn.Module):
 def swap_teamlora_to_loop(model: nn.Module) -> nn.Module:
     """Replace every TeamLoRA layer by its loop twin (weights copied)."""
     return _swap(model, TeamLoRAExperts, LoopTeamLoRALinear)
+
+
+class DirectMixture(nn.Module):
+    """A mixture layer without peft's per-adapter dispatch: base(x) + experts(x), the layer as it was before the
+    mixtures became peft tuners. The bench times it beside the tuner layer: the difference is what the dispatch costs."""
+
+    def __init__(self, layer: MixtureLayer):
+        super().__init__()
+        self.base = layer.base_layer
+        self.experts = layer.experts[layer.active_adapters[0]]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base(x)
+        return result + self.experts(x).to(result.dtype)
+
+
+def swap_to_direct(model: nn.Module) -> nn.Module:
+    """Replace every mixture tuner layer by its direct twin (the same modules and parameters, no copy)."""
+    return _swap(model, nn.Module, DirectMixture)
