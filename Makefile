@@ -26,8 +26,8 @@ $(VENV)/.installed: pyproject.toml $(BIN)/python
 
 setup: $(VENV)/.installed
 
-run: setup  ## the main job: TalkLoRA on SST-2 with the offline MiniLM
-	$(BIN)/python -m talklora_exp method=talklora task=glue/sst2 $(ARGS)
+run: setup  ## the main job: TalkLoRA on SST-2 with the offline MiniLM (conf/experiment/quickstart.yaml)
+	$(BIN)/python -m talklora_exp experiment=quickstart $(ARGS)
 
 test: setup
 	$(BIN)/python -m pytest tests --durations=15 $(ARGS)
