@@ -208,7 +208,8 @@ def test_every_preset_grid_dry_runs(preset, capsys):
     grid alone took 90 s of the suite. A command-line `seed=` wins over the preset's sweeper list, as it does for users."""
     from talklora_exp.cli import CONF_DIR, dry_run
 
-    params = OmegaConf.load(CONF_DIR / "experiment" / f"{preset}.yaml").hydra.sweeper.params
+    params = OmegaConf.select(OmegaConf.load(CONF_DIR / "experiment" / f"{preset}.yaml"), "hydra.sweeper.params") or {}
+    # (a preset without a sweep, such as quickstart, dry-runs as one job)
     seeds = str(params.get("seed", "")).split(",")
     rows, code = dry_run([f"experiment={preset}"] + ([f"seed={seeds[0].strip()}"] if "seed" in params else []))
     out = capsys.readouterr().out.strip().splitlines()

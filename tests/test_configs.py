@@ -72,7 +72,7 @@ def test_cli_missing_data_is_clear(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", group_options("method"))
+@pytest.mark.parametrize("method", [m for m in group_options("method") if m != "none"])  # none: test_generation
 def test_smoke_every_method(glue_dir, tmp_path, method):
     from talklora_exp.run import run
 

@@ -38,8 +38,8 @@ def target_params(bcfg: Any, layers: list[TargetLayer]) -> int | None:
 def solve(method: Method, layers: list[TargetLayer], bcfg: Any, given_rank: int, num_experts: int = 1) -> BudgetResult:
     """Closest rank (multiple of num_experts) to the budget; a clear error when nothing is within tolerance."""
     target = target_params(bcfg, layers)
-    if method.name == "none":  # no adapter: no rank, no budget to meet
-        return BudgetResult(bcfg.name, 0, None, 0, None)
+    if method.name == "none":  # no adapter: no budget to meet (the rank stays the unused method.rank)
+        return BudgetResult(bcfg.name, given_rank, None, 0, None)
     if target is None:
         return BudgetResult(bcfg.name, given_rank, None, method.param_count(layers, given_rank), None)
     if target <= 0:
