@@ -47,16 +47,20 @@ bench: setup
 	$(BIN)/python scripts/bench.py $(ARGS)
 
 # The committed reproduction's sweep dirs that exist (the lr grid has its own choice.md: choose_lr).
-TABLE_DIRS ?= $(wildcard results/repro/glue_table results/repro/commonsense_table)
+TABLE_DIRS ?= $(wildcard results/repro/glue_table)
 # The other baselines (TeamLoRA, HiRA, DoRA) go to their own tables beside the three-method table's runs, so a sweep
 # still landing never changes the main table the README quotes.
 BASELINE_DIRS ?= $(wildcard results/repro/glue_table_baselines)
+# The commonsense table (SmolLM2-135M) has its own tables and figures: results/commonsense/{tables,figures}.
+COMMONSENSE_DIRS ?= $(wildcard results/repro/commonsense_table)
 tables: setup
 	@if [ -z "$(TABLE_DIRS)" ]; then echo "no reproduction runs yet under results/repro (see README: Results)"; exit 0; fi
 	$(BIN)/python -m talklora_exp.analysis $(TABLE_DIRS) --out results $(ARGS)
 	@if [ -n "$(BASELINE_DIRS)" ]; then \
 	  $(BIN)/python -m talklora_exp.analysis results/repro/glue_table $(BASELINE_DIRS) --out results/baselines \
 	    --baselines lora,moelora,teamlora,hira,dora $(ARGS); fi
+	@if [ -n "$(COMMONSENSE_DIRS)" ]; then \
+	  $(BIN)/python -m talklora_exp.analysis $(COMMONSENSE_DIRS) --out results/commonsense $(ARGS); fi
 
 clean:
 	rm -rf .pytest_cache .ruff_cache build src/*.egg-info

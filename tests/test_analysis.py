@@ -269,6 +269,42 @@ def test_commonsense_all_run_expands_into_task_columns(tmp_path: Path):
     assert "| Method | Adapter params | BoolQ | PIQA | Avg |" in md and "| **60.00** | **50.00** | **55.00** |" in md
 
 
+def test_commonsense_majority_answer_row_from_the_scored_examples(tmp_path: Path, monkeypatch):
+    """The majority answer is counted on the examples the run scored: BoolQ's first 4 of 6 test answers are
+    true, true, false, true (3/4 = 75.00; all six would give 4/6); PIQA's first 4 are 2 and 2 (50.00). Average 62.50.
+    The run's curves go to figures/commonsense, once per run (not once per set), and GLUE's folder gets none."""
+    monkeypatch.delenv("TALKLORA_DATA_DIR", raising=False)
+    cs = tmp_path / "data" / "commonsense"
+    answers = {"boolq": ["true", "true", "false", "true", "false", "true"],
+               "piqa": ["solution1", "solution2", "solution2", "solution1", "solution1", "solution1"]}  # fmt: skip
+    for t, golds in answers.items():
+        (cs / t).mkdir(parents=True)
+        rows = [{"instruction": f"q{i}", "input": "", "output": f"the correct answer is {a}", "answer": a}
+                for i, a in enumerate(golds)]  # fmt: skip
+        (cs / t / "test.json").write_text(json.dumps(rows))
+    for seed in (1, 2):
+        d = tmp_path / "r" / f"all-{seed}"
+        d.mkdir(parents=True)
+        ev = {"boolq/accuracy": 0.6 + seed / 100, "piqa/accuracy": 0.5, "accuracy": 0.55 + seed / 200}
+        m = {"status": "completed", "task": "all", "task_family": "commonsense", "method": "lora", "model": "smollm2-135m",
+             "seed": seed, "budget": {"name": "lora_r16"}, "adapter_params": 10, "eval": ev, "main_metric": "accuracy",
+             "data": {"root": str(cs), "n_eval": {"boolq/": 4, "piqa/": 4}}}  # fmt: skip
+        (d / "metrics.json").write_text(json.dumps(m))
+        log = [{"step": 5, "loss": 1.0}, {"step": 10, "loss": 0.8, "val": {"loss": 0.9}}]
+        (d / "train_log.jsonl").write_text("".join(json.dumps(x) + "\n" for x in log))
+    from talklora_exp.analysis.collect import collect
+    from talklora_exp.analysis.trivial import trivial_scores
+
+    runs, _ = collect([tmp_path / "r"])
+    assert trivial_scores(runs) == {("boolq", "eval"): 0.75, ("piqa", "eval"): 0.5}
+    assert analysis_main([str(tmp_path / "r"), "--out", str(tmp_path / "o")]) == 0
+    md = (tmp_path / "o" / "tables" / "commonsense.md").read_text()
+    assert "| _Majority answer_ | 0 | 75.00 | 50.00 | 62.50 |" in md
+    assert "Majority answer: always giving each set's most frequent gold answer" in md
+    assert (tmp_path / "o" / "figures" / "commonsense" / "loss_curves.png").exists()
+    assert not (tmp_path / "o" / "figures" / "loss_curves.png").exists()
+
+
 def test_significantly_worse_is_marked_too(tmp_path: Path):
     root = tmp_path / "r"
     for s, (a, b) in enumerate([(0.80, 0.70), (0.82, 0.71), (0.81, 0.69)], start=1):

@@ -9,6 +9,7 @@ from conftest import compose_cfg
 from talklora_exp.errors import UserError
 from talklora_exp.tasks import build_task
 from talklora_exp.tasks.generation import (
+    ANSWER_OPTIONS,
     COMMONSENSE_TASKS,
     IGNORE,
     cut_generation,
@@ -189,15 +190,35 @@ def make_cs_dir(root: Path) -> Path:
 
 
 def test_commonsense_training_source_is_reported(tmp_path: Path):
+    """A single set trains on its own train file (upstream's single-task mode), even beside commonsense_170k.json;
+    `all` trains on the combined data: commonsense_170k.json when present, else every per-task train file."""
     root = make_cs_dir(tmp_path)
-    task = _task()
-    train, evals, info = task.records(str(root))
-    assert len(train) == 12 and info["train_source"] == "per-task train files: boolq"
-    (root / "commonsense" / "commonsense_170k.json").write_text(
-        json.dumps(json.loads((root / "commonsense/boolq/train.json").read_text())[:3])
+    cs = root / "commonsense"
+    for t, opts in ANSWER_OPTIONS.items():
+        (cs / t).mkdir(exist_ok=True)
+        row = {"instruction": "pick", "input": "", "output": f"the correct answer is {opts[0]}", "answer": opts[0]}
+        if t != "boolq":
+            (cs / t / "test.json").write_text(json.dumps([row] * 2))
+    arc_rows = [
+        {"instruction": "pick", "input": "", "output": "the correct answer is answer1", "answer": "answer1"}
+    ] * 5
+    (cs / "ARC-Easy" / "train.json").write_text(json.dumps(arc_rows))
+    train, _, info = _task().records(str(root))
+    assert len(train) == 12 and info["train_source"] == "boolq/train.json (the set's own train file)"
+    train, _, info = _task("commonsense/ARC-Easy").records(str(root))
+    assert len(train) == 5 and {r["task"] for r in train} == {"ARC-Easy"}
+    train, _, info = _task("commonsense/all").records(str(root))
+    assert len(train) == 17 and info["train_source"] == "per-task train files: boolq, ARC-Easy"
+    train, _, info = _task("commonsense/hellaswag").records(str(root))
+    assert (
+        len(train) == 17
+        and info["train_source"] == "combined (hellaswag has no train file): per-task train files: boolq, ARC-Easy"
     )
-    train, _, info = task.records(str(root))
+    (cs / "commonsense_170k.json").write_text(json.dumps(json.loads((cs / "boolq/train.json").read_text())[:3]))
+    train, _, info = _task("commonsense/all").records(str(root))
     assert len(train) == 3 and info["train_source"].endswith("commonsense_170k.json")
+    train, _, info = _task().records(str(root))
+    assert len(train) == 12 and info["train_source"].startswith("boolq/train.json")
 
 
 def test_model_kind_mismatch_is_clear(tmp_path: Path):
@@ -237,7 +258,7 @@ def test_data_root_is_not_mixed_across_dirs(tmp_path: Path, monkeypatch):
     (arc / "train.json").write_text((other / "commonsense" / "boolq" / "train.json").read_text())
     monkeypatch.setenv("TALKLORA_DATA_DIR", str(other))
     train, _, info = _task().records(str(mine))
-    assert len(train) == 12 and info["train_source"] == "per-task train files: boolq"
+    assert len(train) == 12 and info["root"] == str(mine / "commonsense")
 
 
 def test_val_split_is_held_out_of_train_like_upstream(tmp_path: Path):

@@ -131,7 +131,8 @@ def test_one_pass_validation_equals_loss_pass_plus_metric_pass(task):
     losses = [t.example_losses(model, b)[0].double().sum() for b in batches]
     expect = {
         "loss": float(sum(losses, torch.zeros((), dtype=torch.float64)) / 12),
-        **t.evaluate(model, {"": batches}, acc),
+        **t.evaluate(model, {"": batches}, acc).metrics,
     }
-    got = t.evaluate(model, {"": batches}, acc, with_loss=True)
-    assert got == expect and list(got) == list(expect)
+    res = t.evaluate(model, {"": batches}, acc, with_loss=True)
+    got = res.metrics
+    assert got == expect and list(got) == list(expect) and res.counts == {"dev": 12}

@@ -15,7 +15,7 @@ from torch import nn
 from talklora_exp.errors import UserError
 from talklora_exp.methods.base import TrainHooks
 from talklora_exp.rundir import RunLogger
-from talklora_exp.tasks.base import Split, Task, TaskData
+from talklora_exp.tasks.base import EvalResult, Split, Task, TaskData
 from talklora_exp.trainer import Trainer
 
 
@@ -48,7 +48,7 @@ class ScriptedTask(Task):
 
     def evaluate(self, model, loaders, accelerator, on_batch=None):
         self.report_calls += 1
-        return {"accuracy": model.w.item()}
+        return EvalResult({"accuracy": model.w.item()})
 
 
 def _data(n_val: int = 1) -> TaskData:

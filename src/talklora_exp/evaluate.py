@@ -115,7 +115,7 @@ def evaluate_run(
     loaders = {k: acc.prepare(DataLoader(v, batch_size=int(tcfg.eval_batch_size), shuffle=False, collate_fn=collate))
                for k, v in splits.items()}  # fmt: skip
     hooks = b.method.hooks(model)
-    metrics = b.task.evaluate(model, loaders, acc, on_batch=hooks.set_batch)
+    metrics = b.task.evaluate(model, loaders, acc, on_batch=hooks.set_batch).metrics
     name = re.sub(r"[^A-Za-z0-9_.=+-]+", "_", ",".join(overrides)) or "default"
     out = run_dir / f"evaluate-{name}.json"
     if acc.is_main_process:

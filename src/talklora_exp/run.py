@@ -24,6 +24,7 @@ from .errors import UserError
 from .identity import IDENTITY_FILE, identity, mismatch_error, read_identity, same_config
 from .methods import build_method, find_target_layers, method_config
 from .models import fit_cosine_head, load_model, load_tokenizer
+from .record import RunRecord
 from .rundir import (
     RunDirBusy,
     RunDirLock,
@@ -197,104 +198,32 @@ def _log_outside(run_dir: Path) -> Iterator[None]:
 
 def _run_locked(
     cfg: DictConfig, run_dir: Path, ident: dict, acc: Accelerator, mp: str, on_claim: Callable[[Path], None] | None
-) -> dict[str, Any] | None:
+) -> RunRecord | None:
+    """Prove run_dir is this run's, claim it, build, train, write the record (metrics.json last)."""
     tcfg, main = cfg.trainer, acc.is_main_process
     overwrite = bool(cfg.get("overwrite", False))
     stored = read_identity(run_dir)
     if read_status(run_dir) == "completed" and not overwrite:
-        if same_config(stored, ident):
-            with _log_outside(run_dir):
-                log.info(
-                    "skip: %s already completed (same config hash %s; overwrite=true to redo)",
-                    run_dir,
-                    ident["config_hash"],
-                )
-            return None
-        raise mismatch_error(run_dir, "it holds a completed run", stored, ident)
+        return _skip_completed(run_dir, stored, ident)
     if tcfg.get("deterministic"):
         torch.use_deterministic_algorithms(True, warn_only=True)
     _check_ours(run_dir, stored, ident, overwrite)  # before anything in run_dir is read, deleted or rewritten
     ckpt_root = run_dir / "checkpoints"
-    resume_state = None
-    if tcfg.get("resume") == "auto" and not overwrite:
-
-        def ours(ck: Any) -> bool:  # this config's checkpoint, or the recorded run's when that record is this config
-            recorded = stored is not None and ck == stored.get("config_hash") and same_config(stored, ident)
-            return ck == ident["config_hash"] or recorded
-
-        try:
-            resume_state = ckpt.load_latest(ckpt_root, accept_hash=ours)
-        except ckpt.ForeignCheckpoint:
-            raise mismatch_error(run_dir, "its checkpoint is", stored, ident) from None
-        except ckpt.NoUsableCheckpoint as e:
-            raise UserError(f"{e}; rerun without trainer.resume=auto (or with overwrite=true) to start over") from None
-        if resume_state is not None and not ours(resume_state.get("config_hash")):
-            raise mismatch_error(run_dir, "its checkpoint is", stored, ident)
+    resume_state = _find_resume(run_dir, stored, ident) if tcfg.get("resume") == "auto" and not overwrite else None
     if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if on_claim is not None:
-            on_claim(run_dir)
-        for stale in ("metrics.json", "routing.json", "predictions.jsonl"):
-            (run_dir / stale).unlink(missing_ok=True)  # only reached for unfinished runs or overwrite=true
-        _truncate_log(run_dir / "train_log.jsonl", resume_state["loop"]["step"] if resume_state else 0)
-        if resume_state is None:
-            shutil.rmtree(ckpt_root, ignore_errors=True)
-        atomic_write_json(run_dir / IDENTITY_FILE, ident)
+        _claim(run_dir, ident, resume_state, on_claim)
     hashes = {"config_hash": ident["config_hash"], "group_hash": ident["group_hash"]}
-    try:
-        b = build(cfg, acc)
-        task, tok, model, method, bres = b.task, b.tokenizer, b.model, b.method, b.budget
-        if main:
-            atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-        data = load_data(cfg, task, tok)
-    except UserError as e:
-        if main:  # nothing claims completion; sweeps and tables see why this run has no result
-            _write_status(run_dir, {"status": "failed", **hashes, "error": f"UserError: {e}"})
-        raise
-    head_fit = None
-    if str(cfg.model.get("pair_encoding", "cross")) == "cosine" and resume_state is None:  # resumed: in the checkpoint
-        t0, lengths = time.time(), data.train.lengths
-        by_length = [data.train[i] for i in sorted(range(len(lengths)), key=lengths.__getitem__)]  # little padding
-        loader = DataLoader(by_length, batch_size=int(tcfg.eval_batch_size), collate_fn=task.collator(tok))
-        head_fit = fit_cosine_head(model.to(acc.device), loader, task.is_regression, acc.device)
-        head_fit["seconds"] = round(time.time() - t0, 1)
-        log.info("cosine head fitted on %d training pairs (LP-FT): %s", head_fit["n_train"], head_fit)
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-    counts = count_params(model, set(method.adapter_param_names(model)))
-    budget = (f"budget {bres.name}: {bres.target_params} target" if bres.target_params is not None
-              else "no budget: method.rank")  # fmt: skip
-    log.info(
-        "%s | %s | %s | rank %d | adapter params %d (%s) | head %d | select %s | data %s",
-        task.name, method.cfg.name, cfg.model.name, bres.rank, counts["adapter_params"], budget,
-        counts["head_params"], tcfg.select, data.info.get("source"),
-    )  # fmt: skip
-    logger = RunLogger(run_dir, cfg.logger, resolved, enabled=main)
+    b, data = _build_and_load(cfg, acc, run_dir, hashes)
+    cosine = str(cfg.model.get("pair_encoding", "cross")) == "cosine"
+    head_fit = _fit_head(cfg, b, data, acc) if cosine and resume_state is None else None  # resumed: in the checkpoint
+    base = _base_record(cfg, b, data, acc, hashes, head_fit)
+    logger = RunLogger(run_dir, cfg.logger, OmegaConf.to_container(cfg, resolve=True), enabled=main)
     if head_fit is not None:
         logger.log({"step": 0, "head_fit": head_fit})  # kept by a resume's log truncation (step 0)
-    base = {
-        "task": task.name,
-        "task_family": cfg.task.family,
-        "method": cfg.method.name,
-        "model": cfg.model.name,
-        "seed": int(cfg.seed),
-        **hashes,
-        "budget": bres.as_dict(),
-        "rank": bres.rank,
-        "num_experts": method.cfg.num_experts,
-        "tag": cfg.get("tag"),
-        **counts,
-        "data": data.info,
-        "device": device_name(acc),
-        "tokenizer": getattr(tok, "talklora_source", cfg.model.name),
-        **({"head_fit": head_fit} if head_fit else {}),  # a resumed run's fit is its train_log's step-0 record
-    }
-    if cfg.model.get("shape_only"):
-        base["shape_model"] = {"random_weights": True, "vocab_size": len(tok),
-                               "note": "random-weight paper-shape model, for benchmarks and memory checks: its metrics mean nothing"}  # fmt: skip
     t_start = time.time()
     try:
-        trainer = Trainer(tcfg, acc, model, task, data, task.collator(tok), method.hooks(model), logger,
-                          int(cfg.seed), ckpt_root, config_hash=ident["config_hash"])  # fmt: skip
+        trainer = Trainer(tcfg, acc, b.model, b.task, data, b.task.collator(b.tokenizer), b.method.hooks(b.model),
+                          logger, int(cfg.seed), ckpt_root, config_hash=ident["config_hash"])  # fmt: skip
         if resume_state is not None:
             log.info("resuming from %s (step %d)", ckpt_root, resume_state["loop"]["step"])
         result = trainer.fit(resume_state, eval_time_before=head_fit["seconds"] if head_fit else 0.0)
@@ -305,7 +234,18 @@ def _run_locked(
         logger.finish()
         raise
     acc.wait_for_everyone()
-    metrics = {
+    metrics = _completed_record(base, result, resume_state, b.task, mp, acc, time.time() - t_start)
+    if main:
+        _write_results(run_dir, b, acc, result, metrics)
+    logger.finish({"eval": result.report})
+    return metrics
+
+
+def _completed_record(
+    base: dict, result: Any, resume_state: dict | None, task: Any, mp: str, acc: Accelerator, wall_s: float
+) -> RunRecord:
+    """metrics.json of a completed run: what ran (`base`), what it reports and what it cost."""
+    return {
         "status": "completed",
         **base,
         "resumed_from_step": resume_state["loop"]["step"] if resume_state else None,
@@ -320,22 +260,125 @@ def _run_locked(
         "train_runtime_s": round(result.train_runtime_s, 3),
         "train_samples_per_s": round(result.train_samples / max(result.train_runtime_s, 1e-9), 3),
         "eval_runtime_s": round(result.eval_runtime_s, 3),  # with train_runtime_s: the run's compute, over resumes
-        "wall_time_s": round(time.time() - t_start, 3),
+        "wall_time_s": round(wall_s, 3),
         "mixed_precision": mp,
-        "eval_counts": getattr(task, "last_eval_counts", None),
+        "eval_counts": result.counts,
         "num_processes": acc.num_processes,
     }
-    if main:
-        method.save(acc.unwrap_model(model), run_dir / "adapter")
-        if result.predictions:
-            rows = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in result.predictions)
-            atomic_write_text(run_dir / "predictions.jsonl", rows)
-        if result.routing is not None:
-            atomic_write_json(run_dir / "routing.json", {"step": result.selection["step"], **result.routing})
-        atomic_write_json(run_dir / "metrics.json", metrics)  # last: its presence with "completed" means done
-        log.info("%s", result_line(metrics, task.report_split, run_dir))
-    logger.finish({"eval": result.report})
-    return metrics
+
+
+def _skip_completed(run_dir: Path, stored: dict | None, ident: dict) -> None:
+    """A completed run of this config is skipped (never redone, never touched); of another config, refused."""
+    if not same_config(stored, ident):
+        raise mismatch_error(run_dir, "it holds a completed run", stored, ident)
+    with _log_outside(run_dir):
+        log.info(
+            "skip: %s already completed (same config hash %s; overwrite=true to redo)", run_dir, ident["config_hash"]
+        )
+    return None
+
+
+def _find_resume(run_dir: Path, stored: dict | None, ident: dict) -> dict[str, Any] | None:
+    """The latest usable checkpoint of this config in run_dir (trainer.resume=auto), or None to start fresh."""
+
+    def ours(ck: Any) -> bool:  # this config's checkpoint, or the recorded run's when that record is this config
+        recorded = stored is not None and ck == stored.get("config_hash") and same_config(stored, ident)
+        return ck == ident["config_hash"] or recorded
+
+    try:
+        state = ckpt.load_latest(run_dir / "checkpoints", accept_hash=ours)
+    except ckpt.ForeignCheckpoint:
+        raise mismatch_error(run_dir, "its checkpoint is", stored, ident) from None
+    except ckpt.NoUsableCheckpoint as e:
+        raise UserError(f"{e}; rerun without trainer.resume=auto (or with overwrite=true) to start over") from None
+    if state is not None and not ours(state.get("config_hash")):
+        raise mismatch_error(run_dir, "its checkpoint is", stored, ident)
+    return state
+
+
+def _claim(run_dir: Path, ident: dict, resume_state: dict | None, on_claim: Callable[[Path], None] | None) -> None:
+    """Make run_dir this run's (main process): results of an unfinished run go, its log is cut to the checkpoint."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if on_claim is not None:
+        on_claim(run_dir)
+    for stale in ("metrics.json", "routing.json", "predictions.jsonl"):
+        (run_dir / stale).unlink(missing_ok=True)  # only reached for unfinished runs or overwrite=true
+    _truncate_log(run_dir / "train_log.jsonl", resume_state["loop"]["step"] if resume_state else 0)
+    if resume_state is None:
+        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+    atomic_write_json(run_dir / IDENTITY_FILE, ident)
+
+
+def _build_and_load(cfg: DictConfig, acc: Accelerator, run_dir: Path, hashes: dict) -> tuple[Built, Any]:
+    """Model, method and data; a bad input is recorded as a failed run (nothing claims completion) and re-raised."""
+    try:
+        b = build(cfg, acc)
+        if acc.is_main_process:
+            atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+        return b, load_data(cfg, b.task, b.tokenizer)
+    except UserError as e:
+        if acc.is_main_process:  # sweeps and tables see why this run has no result
+            _write_status(run_dir, {"status": "failed", **hashes, "error": f"UserError: {e}"})
+        raise
+
+
+def _fit_head(cfg: DictConfig, b: Built, data: Any, acc: Accelerator) -> dict[str, Any]:
+    """The cosine pair encoding's head, fitted once on the training pairs before fine-tuning (LP-FT)."""
+    t0, lengths = time.time(), data.train.lengths
+    by_length = [data.train[i] for i in sorted(range(len(lengths)), key=lengths.__getitem__)]  # little padding
+    loader = DataLoader(by_length, batch_size=int(cfg.trainer.eval_batch_size), collate_fn=b.task.collator(b.tokenizer))
+    head_fit = fit_cosine_head(b.model.to(acc.device), loader, b.task.is_regression, acc.device)
+    head_fit["seconds"] = round(time.time() - t0, 1)
+    log.info("cosine head fitted on %d training pairs (LP-FT): %s", head_fit["n_train"], head_fit)
+    return head_fit
+
+
+def _base_record(
+    cfg: DictConfig, b: Built, data: Any, acc: Accelerator, hashes: dict, head_fit: dict | None
+) -> dict[str, Any]:
+    """What ran, for metrics.json (every status); logs the run's header line."""
+    task, bres, method = b.task, b.budget, b.method
+    counts = count_params(b.model, set(method.adapter_param_names(b.model)))
+    budget = (f"budget {bres.name}: {bres.target_params} target" if bres.target_params is not None
+              else "no budget: method.rank")  # fmt: skip
+    log.info(
+        "%s | %s | %s | rank %d | adapter params %d (%s) | head %d | select %s | data %s",
+        task.name, method.cfg.name, cfg.model.name, bres.rank, counts["adapter_params"], budget,
+        counts["head_params"], cfg.trainer.select, data.info.get("source"),
+    )  # fmt: skip
+    base = {
+        "task": task.name,
+        "task_family": cfg.task.family,
+        "method": cfg.method.name,
+        "model": cfg.model.name,
+        "seed": int(cfg.seed),
+        **hashes,
+        "budget": bres.as_dict(),
+        "rank": bres.rank,
+        "num_experts": method.cfg.num_experts,
+        "tag": cfg.get("tag"),
+        **counts,
+        "data": data.info,
+        "device": device_name(acc),
+        "tokenizer": getattr(b.tokenizer, "talklora_source", cfg.model.name),
+        **({"head_fit": head_fit} if head_fit else {}),  # a resumed run's fit is its train_log's step-0 record
+    }
+    if cfg.model.get("shape_only"):
+        base["shape_model"] = {"random_weights": True, "vocab_size": len(b.tokenizer),
+                               "note": "random-weight paper-shape model, for benchmarks and memory checks: its metrics mean nothing"}  # fmt: skip
+    return base
+
+
+def _write_results(run_dir: Path, b: Built, acc: Accelerator, result: Any, metrics: RunRecord) -> None:
+    """The adapter, predictions and routing, then metrics.json last: its presence with "completed" means done."""
+    b.method.save(acc.unwrap_model(b.model), run_dir / "adapter")
+    if result.predictions:
+        rows = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in result.predictions)
+        atomic_write_text(run_dir / "predictions.jsonl", rows)
+    if result.routing is not None:
+        atomic_write_json(run_dir / "routing.json", {"step": result.selection["step"], **result.routing})
+    atomic_write_json(run_dir / "metrics.json", metrics)
+    log.info("%s", result_line(metrics, b.task.report_split, run_dir))
 
 
 def result_line(metrics: dict[str, Any], split: str, run_dir: Path) -> str:

@@ -8,7 +8,7 @@ import math
 import signal
 import threading
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
@@ -23,7 +23,7 @@ from .choices import MIXED_PRECISION, SELECT_METRICS, SELECT_PROTOCOLS
 from .errors import UserError
 from .methods.base import TrainHooks
 from .rundir import RunLogger
-from .tasks.base import Task, TaskData
+from .tasks.base import EvalResult, Task, TaskData
 from .tasks.metrics import is_better
 
 log = logging.getLogger(__name__)
@@ -77,6 +77,59 @@ def resolve_mixed_precision(requested: str, cpu: bool) -> str:
     return requested
 
 
+@dataclass(frozen=True)
+class Selection:
+    """How the reported checkpoint is chosen (`trainer.select`, `trainer.select_metric`), checked and decided once.
+    `key` is the metric that selects (the validation loss, or the task's main metric; None for `last`), scored so
+    that higher is better."""
+
+    protocol: str  # val_from_train | best_dev | last
+    key: str | None
+    on_main: bool  # select_metric=main: the validation split also gets the task's metrics
+
+    @classmethod
+    def from_config(cls, tcfg: Any, task: Task, data: TaskData) -> Selection:
+        protocol, metric = str(tcfg.select), str(tcfg.select_metric)
+        if protocol not in SELECT_PROTOCOLS:
+            raise UserError(f"trainer.select={protocol!r}; allowed: {list(SELECT_PROTOCOLS)}")
+        if metric not in SELECT_METRICS:
+            raise UserError(f"trainer.select_metric={metric!r}; allowed: {list(SELECT_METRICS)}")
+        if protocol == "best_dev" and task.report_split != "dev":
+            raise UserError(
+                f"trainer.select=best_dev would pick the checkpoint on {task.name}'s {task.report_split} set; "
+                "use trainer.select=val_from_train (or last)"
+            )
+        if protocol == "val_from_train" and data.val is None:
+            raise UserError("trainer.select=val_from_train needs a validation split: task.val_size must be positive")
+        loss = protocol == "val_from_train" and metric == "loss"
+        return cls(protocol, None if protocol == "last" else "loss" if loss else task.main_metric, metric == "main")
+
+    @property
+    def on_val(self) -> bool:
+        return self.protocol == "val_from_train"
+
+    @property
+    def on_dev(self) -> bool:
+        return self.protocol == "best_dev"
+
+    @property
+    def split(self) -> str | None:
+        return {"val_from_train": "val", "best_dev": "dev"}.get(self.protocol)
+
+    def score(self, metrics: dict[str, float]) -> float | None:
+        """Higher is better: the negated loss, or the main metric."""
+        return -metrics["loss"] if self.key == "loss" else metrics.get(self.key or "")
+
+    def shown(self, score: float) -> float:
+        """A score as the metric reads (the loss positive again)."""
+        return -score if self.key == "loss" else score
+
+    def record(self, step: int, score: float | None) -> dict[str, Any]:
+        """metrics.json's "selection"."""
+        value = self.shown(score) if score is not None else None
+        return {"protocol": self.protocol, "split": self.split, "metric": self.key, "step": step, "value": value}
+
+
 @dataclass
 class FitResult:
     selection: dict[str, Any]  # protocol, split, metric, step, value
@@ -84,6 +137,7 @@ class FitResult:
     val: dict[str, float] | None  # validation metrics at the selected step
     routing: dict[str, Any] | None
     predictions: list[dict] | None
+    counts: dict[str, int] | None  # examples scored per reported split
     total_steps: int
     train_runtime_s: float
     eval_runtime_s: float  # validation and dev-curve evaluations during training, and the final report
@@ -116,25 +170,11 @@ class Trainer:
         self.gen = torch.Generator().manual_seed(
             seed
         )  # the shuffle order; its state at each epoch start is checkpointed
-        self.select, self.select_metric = str(tcfg.select), str(tcfg.select_metric)
-        if self.select not in SELECT_PROTOCOLS:
-            raise UserError(f"trainer.select={self.select!r}; allowed: {list(SELECT_PROTOCOLS)}")
-        if self.select_metric not in SELECT_METRICS:
-            raise UserError(f"trainer.select_metric={self.select_metric!r}; allowed: {list(SELECT_METRICS)}")
-        if self.select == "best_dev" and task.report_split != "dev":
-            raise UserError(
-                f"trainer.select=best_dev would pick the checkpoint on {task.name}'s {task.report_split} set; "
-                "use trainer.select=val_from_train (or last)"
-            )
+        self.selection = Selection.from_config(tcfg, task, data)
         self.dev_curve = bool(tcfg.get("dev_curve", False))
         if self.dev_curve and task.report_split != "dev":
             raise UserError(f"trainer.dev_curve=true would evaluate {task.name}'s {task.report_split} set during training; "
                             "test sets are evaluated once, at the end")  # fmt: skip
-        # the metric that selects (None for `last`), decided once: the validation loss, or the task's main metric
-        self.select_key = (None if self.select == "last" else "loss"
-                           if self.select == "val_from_train" and self.select_metric == "loss" else task.main_metric)  # fmt: skip
-        if self.select == "val_from_train" and data.val is None:
-            raise UserError("trainer.select=val_from_train needs a validation split: task.val_size must be positive")
         bs = int(tcfg.batch_size)
         self.length_sampler: LengthGroupedBatchSampler | None = None
         if tcfg.group_by_length:
@@ -178,29 +218,31 @@ class Trainer:
         self.sched = get_linear_schedule_with_warmup(self.opt, int(warm), self.total_steps)
         self.eval_every = int(tcfg.eval_every) if tcfg.eval_every else self.steps_per_epoch
         self.report_evals = 0
+        self.report_counts: dict[str, int] | None = None  # examples per reported split, from its last evaluation
 
     # -- evaluation -------------------------------------------------------------------------------------------------
-    def evaluate(self) -> tuple[dict[str, float], dict[str, Any] | None]:
+    def evaluate(self) -> tuple[EvalResult, dict[str, Any] | None]:
         """The reported split(s), with routing statistics."""
         self.report_evals += 1
         rec = self.hooks.routing
         if rec is not None:
             rec.start()
-        metrics = self.task.evaluate(self.model, self.eval_dls, self.acc, on_batch=self.hooks.set_batch)
+        result = self.task.evaluate(self.model, self.eval_dls, self.acc, on_batch=self.hooks.set_batch)
+        self.report_counts = result.counts
         routing = rec.stop() if rec is not None else None
         self.model.train()
-        return metrics, routing
+        return result, routing
 
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
         """Validation loss (exact mean over the split's supervised tokens / examples), plus the task's metrics on the
         validation split when they select."""
         self.model.eval()
-        if self.select_metric == "main" and getattr(self.task, "loss_with_metrics", False):
+        if self.selection.on_main and getattr(self.task, "loss_with_metrics", False):
             (dl,) = self.val_eval_dls.values()  # the validation split itself, in evaluate()'s format
             out = self.task.evaluate(self.model, {"": dl}, self.acc, on_batch=self.hooks.set_batch, with_loss=True)
             self.model.train()
-            return out
+            return out.metrics
         tot = torch.zeros((), dtype=torch.float64, device=self.acc.device)
         cnt = torch.zeros((), dtype=torch.float64, device=self.acc.device)
         for batch in self.val_dl:
@@ -210,8 +252,10 @@ class Trainer:
             tot += loss.double().sum()
             cnt += weight.double().sum()
         out = {"loss": float(tot / cnt.clamp_min(1))}
-        if self.select_metric == "main":
-            out.update(self.task.evaluate(self.model, self.val_eval_dls, self.acc, on_batch=self.hooks.set_batch))
+        if self.selection.on_main:
+            out.update(
+                self.task.evaluate(self.model, self.val_eval_dls, self.acc, on_batch=self.hooks.set_batch).metrics
+            )
         self.model.train()
         return out
 
@@ -223,29 +267,27 @@ class Trainer:
             for i, p in enumerate(self.trainable):
                 p.copy_(snap[str(i)].to(p.device, p.dtype))
 
-    def _score(self, metrics: dict[str, float]) -> float | None:
-        """Higher is better: the negated loss, or the main metric."""
-        return -metrics["loss"] if self.select_key == "loss" else metrics.get(self.select_key)
-
     def _eval_step(self, v: LoopState, step: int) -> None:
         rec: dict[str, Any] = {"step": step, "epoch": v.epoch}
-        score, report, routing = None, None, None
-        if self.select == "val_from_train":
+        score, report, routing, result = None, None, None, None
+        sel = self.selection
+        if sel.on_val:
             rec["val"] = self.validate()
-            score = self._score(rec["val"])
-        if self.select == "best_dev" or self.dev_curve:
-            report, routing = self.evaluate()
+            score = sel.score(rec["val"])
+        if sel.on_dev or self.dev_curve:
+            result, routing = self.evaluate()
+            report = result.metrics
             rec.update(split=self.task.report_split, eval=report)
             if routing is not None:
                 rec["routing"] = routing["aggregate"]
-            if self.select == "best_dev":
-                score = self._score(report)
+            if sel.on_dev:
+                score = sel.score(report)
         self.logger.log(rec)
-        if self.select != "last" and is_better(score, v.best_score):
+        if sel.key is not None and is_better(score, v.best_score):
             v.best_score, v.best_step, v.best_val, v.best_snap = score, step, rec.get("val"), self._snapshot()
-            if self.select == "best_dev":
+            if sel.on_dev:
                 v.best_eval, v.best_routing = report, routing
-                v.best_preds = getattr(self.task, "last_predictions", None)
+                v.best_preds = result.predictions if result is not None else None
         if report is not None:
             v.last_eval = report
 
@@ -281,137 +323,152 @@ class Trainer:
         cosine head's fit on train), counted as evaluation time so the compute tables include them."""
         if not self.trainable:
             return self._zero_shot(eval_time_before)
-        cfg, acc = self.cfg, self.acc
-        log_every = int(cfg.log_every)
-        stats_every = int(cfg.routing_stats_every) if cfg.routing_stats_every else 0
-        ckpt_every = int(cfg.checkpoint_every) if cfg.get("checkpoint_every") else 0
-        rec = self.hooks.routing
-        pending_rng: dict[str, Any] | None = None
         v = LoopState(eval_time=float(eval_time_before))
-        if resume is not None:
-            saved = [tuple(t.shape) for t in resume["trainable"]]
-            if saved != [tuple(p.shape) for p in self.trainable]:
-                raise UserError(f"checkpoint: its {len(saved)} trainable tensors do not fit this model's "
-                                f"{len(self.trainable)} (written by another version of the code?); rerun without "
-                                "trainer.resume=auto, or with overwrite=true")  # fmt: skip
-            with torch.no_grad():
-                for p, t in zip(self.trainable, resume["trainable"]):
-                    p.copy_(t.to(p.device, p.dtype))
-            self.opt.load_state_dict(resume["optimizer"])
-            self.sched.load_state_dict(resume["scheduler"])
-            v.load_state_dict(resume["loop"])
-            rngs = resume.get("rng_per_process") or [resume["rng"]]  # "rng": one RNG state shared by all processes
-            if len(rngs) != acc.num_processes:
-                log.warning("checkpoint from %d process(es), resuming on %d: data order and RNG streams differ from an "
-                            "uninterrupted run", len(rngs), acc.num_processes)  # fmt: skip
-            rng = rngs[acc.process_index] if len(rngs) == acc.num_processes else rngs[0]
-            # A DataLoader without a generator of its own (the length-grouped one) draws its base seed from the global
-            # RNG when its iterator starts. An uninterrupted run made that draw at the epoch's start, before the
-            # checkpoint; so a mid-epoch resume puts the RNG back after the new iterator's first batch.
-            if v.batch_in_epoch:
-                pending_rng = rng
-            else:
-                ckpt.set_rng_state(rng)
-        run_loss = torch.tensor(float(v.run_loss), device=acc.device)
-        post: dict[str, str] = {}
-        pbar = tqdm(total=self.total_steps, initial=v.step, disable=not (cfg.progress and acc.is_main_process),
-                    desc=f"{self.task.name}", unit="step", dynamic_ncols=True)  # fmt: skip
-        stop = _SignalCatcher()
+        pending_rng = self._resume(v, resume) if resume is not None else None
+        p = _Progress(
+            run_loss=torch.tensor(float(v.run_loss), device=self.acc.device),
+            bar=tqdm(
+                total=self.total_steps,
+                initial=v.step,
+                disable=not (self.cfg.progress and self.acc.is_main_process),
+                desc=f"{self.task.name}",
+                unit="step",
+                dynamic_ncols=True,
+            ),  # fmt: skip
+            stop=_SignalCatcher(),
+        )
         self.model.train()
-        t0 = time.perf_counter()
+        p.t0 = time.perf_counter()
         try:
             while v.step < self.total_steps:
-                set_epoch(self.train_dl, self.length_sampler, v.epoch)
-                dl = self.train_dl
-                if v.batch_in_epoch:  # resuming mid-epoch: the epoch's shuffle order, minus the batches done
-                    self.gen.set_state(v.epoch_gen_state)
-                    dl = skip_first_batches(self.train_dl, v.batch_in_epoch)
-                else:
-                    v.epoch_gen_state = self.gen.get_state()
-                for batch in dl:
+                for batch in self._epoch_batches(v):
                     if pending_rng is not None:
                         ckpt.set_rng_state(pending_rng)
                         pending_rng = None
-                    v.batch_in_epoch += 1
-                    self.hooks.set_batch(batch)
-                    with acc.accumulate(self.model):
-                        # decided inside accumulate(), where sync_gradients says whether this micro-batch ends the
-                        # optimizer step: one routing snapshot per optimizer step, on its last micro-batch
-                        stats_now = bool(stats_every and rec is not None and acc.sync_gradients
-                                         and (v.step + 1) % stats_every == 0)  # fmt: skip
-                        if stats_now:
-                            rec.start()
-                        loss = self.model(**batch).loss
-                        aux = self.hooks.aux_loss()
-                        acc.backward(loss + aux if aux is not None else loss)
-                        if acc.sync_gradients:
-                            grad_norm = self._grad_norm(cfg.max_grad_norm)
-                        self.opt.step()
-                        self.opt.zero_grad(set_to_none=True)
-                    run_loss += loss.detach()
-                    v.n_micro += 1
-                    # count examples: a siamese batch holds 2 rows per example
-                    rows = batch["labels"] if "labels" in batch else batch["input_ids"]
-                    v.samples += int(rows.shape[0]) * acc.num_processes
-                    if stats_now:
-                        self.logger.log({"step": v.step + 1, "routing_train": rec.stop()["aggregate"]})
-                    if not acc.sync_gradients:
-                        continue
-                    self.sched.step()
-                    v.step += 1
-                    step = v.step
-                    pbar.update(1)
-                    if step % log_every == 0 or step == self.total_steps:
-                        self._check_finite(run_loss, step)
-                        mean_loss = acc.reduce(run_loss, "mean").item() / v.n_micro
-                        self.logger.log({"step": step, "epoch": v.epoch, "loss": mean_loss,
-                                         "grad_norm": float(grad_norm), "lr": self.sched.get_last_lr()[0],
-                                         "samples": v.samples})  # fmt: skip
-                        post["loss"] = f"{mean_loss:.4f}"
-                        pbar.set_postfix(post)
-                        run_loss.zero_()
-                        v.n_micro = 0
-                    if step % self.eval_every == 0 or step == self.total_steps:
-                        v.train_time += time.perf_counter() - t0
-                        t_eval = time.perf_counter()
-                        self._eval_step(v, step)
-                        v.eval_time += time.perf_counter() - t_eval
-                        if v.best_score is not None:  # the selecting metric as reported, with the step it is from
-                            split = "val" if self.select == "val_from_train" else "dev"
-                            shown = -v.best_score if self.select_key == "loss" else v.best_score
-                            post[f"best {split}_{self.select_key}"] = f"{shown:.4f}@{v.best_step}"
-                            pbar.set_postfix(post)
-                        t0 = time.perf_counter()
-                    periodic = ckpt_every and step % ckpt_every == 0 and step < self.total_steps
-                    if self.ckpt_root is not None and (periodic or stop.signal):
-                        self._check_finite(run_loss, step)
-                        v.run_loss = float(run_loss.item())
-                        v.train_time += time.perf_counter() - t0
-                        t0 = time.perf_counter()
-                        self._save_checkpoint(v, step)
-                    if stop.signal:
-                        raise TrainingInterrupted(
-                            f"{stop.signal} at step {step}; checkpoint saved, resume with trainer.resume=auto"
-                        )
-                    if step >= self.total_steps:
+                    if self._micro_step(batch, v, p) and self._after_step(v, p):
                         break
                 v.epoch += 1
                 v.batch_in_epoch = 0
-            v.train_time += time.perf_counter() - t0
-            pbar.close()
-            stop.immediate = True  # a signal now stops the final evaluation at once
+            v.train_time += time.perf_counter() - p.t0
+            p.bar.close()
+            p.stop.immediate = True  # a signal now stops the final evaluation at once
             try:
                 return self._finish(v)
             except TrainingInterrupted:
                 if self.ckpt_root is not None:  # training is done: a resume only re-runs the final evaluation
                     self._save_checkpoint(v, v.step)
                 raise TrainingInterrupted(
-                    f"{stop.signal} during the final evaluation; checkpoint saved at step {v.step}, resume with "
+                    f"{p.stop.signal} during the final evaluation; checkpoint saved at step {v.step}, resume with "
                     "trainer.resume=auto to evaluate without retraining"
                 ) from None
         finally:
-            stop.restore()
-            pbar.close()
+            p.stop.restore()
+            p.bar.close()
+
+    def _resume(self, v: LoopState, resume: dict[str, Any]) -> dict[str, Any] | None:
+        """Put weights, optimizer, scheduler, loop state and RNG back from a checkpoint; returns the RNG state still to
+        set after the resumed epoch's first batch (a mid-epoch resume), else None."""
+        saved = [tuple(t.shape) for t in resume["trainable"]]
+        if saved != [tuple(p.shape) for p in self.trainable]:
+            raise UserError(f"checkpoint: its {len(saved)} trainable tensors do not fit this model's "
+                            f"{len(self.trainable)} (written by another version of the code?); rerun without "
+                            "trainer.resume=auto, or with overwrite=true")  # fmt: skip
+        with torch.no_grad():
+            for p, t in zip(self.trainable, resume["trainable"]):
+                p.copy_(t.to(p.device, p.dtype))
+        self.opt.load_state_dict(resume["optimizer"])
+        self.sched.load_state_dict(resume["scheduler"])
+        v.load_state_dict(resume["loop"])
+        acc = self.acc
+        rngs = resume.get("rng_per_process") or [resume["rng"]]  # "rng": one RNG state shared by all processes
+        if len(rngs) != acc.num_processes:
+            log.warning("checkpoint from %d process(es), resuming on %d: data order and RNG streams differ from an "
+                        "uninterrupted run", len(rngs), acc.num_processes)  # fmt: skip
+        rng = rngs[acc.process_index] if len(rngs) == acc.num_processes else rngs[0]
+        # A DataLoader without a generator of its own (the length-grouped one) draws its base seed from the global
+        # RNG when its iterator starts. An uninterrupted run made that draw at the epoch's start, before the
+        # checkpoint; so a mid-epoch resume puts the RNG back after the new iterator's first batch.
+        if v.batch_in_epoch:
+            return rng
+        ckpt.set_rng_state(rng)
+        return None
+
+    def _epoch_batches(self, v: LoopState) -> Any:
+        """The current epoch's micro-batches in its shuffle order, minus those already consumed (a mid-epoch resume)."""
+        set_epoch(self.train_dl, self.length_sampler, v.epoch)
+        if v.batch_in_epoch:
+            self.gen.set_state(v.epoch_gen_state)
+            return skip_first_batches(self.train_dl, v.batch_in_epoch)
+        v.epoch_gen_state = self.gen.get_state()
+        return self.train_dl
+
+    def _micro_step(self, batch: dict, v: LoopState, p: _Progress) -> bool:
+        """Forward and backward one micro-batch (the optimizer steps when accumulation is complete); True when this
+        micro-batch ended an optimizer step."""
+        acc, rec = self.acc, self.hooks.routing
+        stats_every = int(self.cfg.routing_stats_every) if self.cfg.routing_stats_every else 0
+        v.batch_in_epoch += 1
+        self.hooks.set_batch(batch)
+        with acc.accumulate(self.model):
+            # decided inside accumulate(), where sync_gradients says whether this micro-batch ends the optimizer
+            # step: one routing snapshot per optimizer step, on its last micro-batch
+            stats_now = bool(stats_every and rec is not None and acc.sync_gradients and (v.step + 1) % stats_every == 0)
+            if stats_now:
+                rec.start()
+            loss = self.model(**batch).loss
+            aux = self.hooks.aux_loss()
+            acc.backward(loss + aux if aux is not None else loss)
+            if acc.sync_gradients:
+                p.grad_norm = self._grad_norm(self.cfg.max_grad_norm)
+            self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
+        p.run_loss += loss.detach()
+        v.n_micro += 1
+        rows = batch["labels"] if "labels" in batch else batch["input_ids"]  # a siamese batch holds 2 rows per example
+        v.samples += int(rows.shape[0]) * acc.num_processes
+        if stats_now:
+            self.logger.log({"step": v.step + 1, "routing_train": rec.stop()["aggregate"]})
+        return bool(acc.sync_gradients)
+
+    def _after_step(self, v: LoopState, p: _Progress) -> bool:
+        """One optimizer step done: schedule, log, evaluate, checkpoint, stop on a signal; True when training is over."""
+        cfg, acc = self.cfg, self.acc
+        self.sched.step()
+        v.step += 1
+        step = v.step
+        p.bar.update(1)
+        if step % int(cfg.log_every) == 0 or step == self.total_steps:
+            self._check_finite(p.run_loss, step)
+            mean_loss = acc.reduce(p.run_loss, "mean").item() / v.n_micro
+            self.logger.log({"step": step, "epoch": v.epoch, "loss": mean_loss, "grad_norm": float(p.grad_norm),
+                             "lr": self.sched.get_last_lr()[0], "samples": v.samples})  # fmt: skip
+            p.post["loss"] = f"{mean_loss:.4f}"
+            p.bar.set_postfix(p.post)
+            p.run_loss.zero_()
+            v.n_micro = 0
+        if step % self.eval_every == 0 or step == self.total_steps:
+            v.train_time += time.perf_counter() - p.t0
+            t_eval = time.perf_counter()
+            self._eval_step(v, step)
+            v.eval_time += time.perf_counter() - t_eval
+            if v.best_score is not None:  # the selecting metric as reported, with the step it is from
+                sel = self.selection
+                p.post[f"best {sel.split}_{sel.key}"] = f"{sel.shown(v.best_score):.4f}@{v.best_step}"
+                p.bar.set_postfix(p.post)
+            p.t0 = time.perf_counter()
+        ckpt_every = int(cfg.checkpoint_every) if cfg.get("checkpoint_every") else 0
+        periodic = ckpt_every and step % ckpt_every == 0 and step < self.total_steps
+        if self.ckpt_root is not None and (periodic or p.stop.signal):
+            self._check_finite(p.run_loss, step)
+            v.run_loss = float(p.run_loss.item())
+            v.train_time += time.perf_counter() - p.t0
+            p.t0 = time.perf_counter()
+            self._save_checkpoint(v, step)
+        if p.stop.signal:
+            raise TrainingInterrupted(
+                f"{p.stop.signal} at step {step}; checkpoint saved, resume with trainer.resume=auto"
+            )
+        return step >= self.total_steps
 
     def _save_checkpoint(self, v: LoopState, step: int) -> None:
         acc = self.acc
@@ -426,38 +483,28 @@ class Trainer:
         selected = v.best_step if v.best_snap is not None else step  # metric undefined at every eval: the last
         if selected != step:
             self._restore(v.best_snap)  # the saved adapter reproduces the reported metrics
-        if self.select == "best_dev" and v.best_eval is not None:
+        counts = self.report_counts
+        if self.selection.on_dev and v.best_eval is not None:
             report, routing, preds = v.best_eval, v.best_routing, v.best_preds
-        elif self.select == "best_dev" and v.last_eval is not None:
-            report, routing, preds = v.last_eval, None, getattr(self.task, "last_predictions", None)
+        elif self.selection.on_dev and v.last_eval is not None:  # no step scored: the last evaluation's
+            report, routing, preds = v.last_eval, None, None
         else:
-            report, routing = self.evaluate()
-            preds = getattr(self.task, "last_predictions", None)
+            result, routing = self.evaluate()
+            report, preds, counts = result.metrics, result.predictions, result.counts
             rec_ = {"step": step, "split": self.task.report_split, "report": report, "selected_step": selected}
             self.logger.log(rec_)
-        split = {"val_from_train": "val", "best_dev": "dev", "last": None}[self.select]
-        value = v.best_score
-        if self.select_key == "loss" and value is not None:
-            value = -value
-        selection = {
-            "protocol": self.select,
-            "split": split,
-            "metric": self.select_key,
-            "step": selected,
-            "value": value,
-        }
-        return FitResult(selection, report, v.best_val, routing, preds, step, v.train_time,
+        return FitResult(self.selection.record(selected, v.best_score), report, v.best_val, routing, preds, counts, step, v.train_time,
                          v.eval_time + time.perf_counter() - t_report, v.samples, self.report_evals)  # fmt: skip
 
     def _zero_shot(self, eval_time_before: float) -> FitResult:
         """Nothing to train (`method=none`): the validation loss for reference, and the reported split once."""
         t = time.perf_counter()
         val = self.validate() if self.val_dl is not None else None
-        report, routing = self.evaluate()
-        preds = getattr(self.task, "last_predictions", None)
+        result, routing = self.evaluate()
+        report = result.metrics
         self.logger.log({"step": 0, "split": self.task.report_split, "report": report, "selected_step": 0, "val": val})
         selection = {"protocol": "none", "split": None, "metric": None, "step": 0, "value": None}
-        return FitResult(selection, report, val, routing, preds, 0, 0.0,
+        return FitResult(selection, report, val, routing, result.predictions, result.counts, 0, 0.0,
                          eval_time_before + time.perf_counter() - t, 0, self.report_evals)  # fmt: skip
 
 
@@ -493,6 +540,19 @@ class LoopState:
             raise UserError(f"checkpoint: unknown loop state {unknown} (written by another version of the code?)")
         for k, val in d.items():
             setattr(self, k, val)
+
+
+@dataclass
+class _Progress:
+    """What one `fit` call tracks besides the checkpointed LoopState: the loss accumulated on the device since the last
+    log record, the progress bar and its postfix, the signal catcher, and the start of the current timed stretch."""
+
+    run_loss: torch.Tensor
+    bar: Any
+    stop: _SignalCatcher
+    post: dict[str, str] = field(default_factory=dict)
+    grad_norm: Any = 0.0
+    t0: float = 0.0
 
 
 class TrainingInterrupted(KeyboardInterrupt):

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .collect import collect
+from .collect import collect, whole_runs
 from .plots import all_plots
 from .tables import (
     GLUE_LABEL,
@@ -54,21 +54,29 @@ def main(argv: list[str] | None = None) -> int:
             res[0].write(tables_dir, stem)
             res[1].write(tables_dir, f"{stem}_significance")
             written += [stem, f"{stem}_significance"]
-    rt = routing_table(runs)
+    whole = whole_runs(runs)  # per run, not per commonsense set
+    rt = routing_table(whole)
     if rt:
         rt.write(tables_dir, "routing")
         written.append("routing")
-    cv = convergence_table(runs)
+    cv = convergence_table(whole)
     if cv:
         cv.write(tables_dir, "convergence")
         written.append("convergence")
-    ct = compute_table(collect(args.dirs, one_config=False)[0])  # every completed run cost compute, grids included
+    ct = compute_table(
+        whole_runs(collect(args.dirs, one_config=False)[0])
+    )  # every completed run cost compute, grids included
     if ct:
         ct.write(tables_dir, "compute")
         written.append("compute")
     tables_dir.mkdir(parents=True, exist_ok=True)
     (tables_dir / "left_out.md").write_text(failed_table(bad, args.out))
-    figs = [] if args.no_plots else all_plots(runs, fig_dir, trivial)
+    figs = []
+    if not args.no_plots:  # GLUE's figures in <out>/figures, each generation family's in a folder of its own
+        figs = all_plots([r for r in runs if r.metrics.get("task_family") == "glue"], fig_dir, trivial)
+        for family, *_ in FAMILIES[1:]:
+            fam = whole_runs([r for r in runs if r.metrics.get("task_family") == family])
+            figs += all_plots(fam, fig_dir / family) if fam else []
     print(
         f"{len(runs)} completed runs, {len(bad)} left out -> {tables_dir}/{{{','.join(written)}}}.{{md,tex,csv}}, {len(figs)} figure files"
     )

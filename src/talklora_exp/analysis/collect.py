@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ..identity import group_hash
+from ..record import record_problem
 
 
 @dataclass
@@ -19,6 +20,7 @@ class Run:
     metrics: dict[str, Any]
     routing: dict[str, Any] | None = None
     log: list[dict[str, Any]] = field(default_factory=list)
+    of: Run | None = None  # the commonsense/all run this per-set view was cut from (`expand_multi_task`)
 
     @property
     def key(self) -> tuple[str, str, str, str, str]:
@@ -96,29 +98,6 @@ def collect(dirs: list[Path], one_config: bool = True) -> tuple[list[Run], list[
     return expand_multi_task(done), bad + mixed
 
 
-# A completed record's fields the tables read, with their types: a record without them (forged, or hand-edited) is left
-# out with the reason instead of breaking the tables.
-REQUIRED: dict[str, type | tuple[type, ...]] = {"task": str, "method": str, "model": str, "eval": dict,
-                                                "main_metric": str, "budget": dict}  # fmt: skip
-
-
-def record_problem(m: dict[str, Any]) -> str | None:
-    """Why a "completed" metrics.json cannot be tabled, or None."""
-    for k, t in REQUIRED.items():
-        if not isinstance(m.get(k), t) or isinstance(m.get(k), bool):
-            return f"{k}={m.get(k)!r} (needs {getattr(t, '__name__', t)})"
-    bad = [
-        k for k, v in m["eval"].items() if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)))
-    ]
-    if bad:
-        return f"eval.{bad[0]}={m['eval'][bad[0]]!r} is not a number"
-    if m["main_metric"] not in m["eval"] and not any(k.endswith("/" + m["main_metric"]) for k in m["eval"]):
-        return f"main_metric {m['main_metric']!r} is not in eval"
-    if not isinstance(m["budget"].get("name"), str):
-        return "budget.name is missing"
-    return None
-
-
 def _read_run(d: Path, m: dict[str, Any]) -> Run:
     from ..rundir import read_jsonl
 
@@ -166,6 +145,19 @@ def expand_multi_task(runs: list[Run]) -> list[Run]:
                     {**r.metrics, "task": t, "eval": {"accuracy": v}, "main_metric": "accuracy"},
                     r.routing,
                     r.log,
+                    of=r,
                 )
             )
+    return out
+
+
+def whole_runs(runs: list[Run]) -> list[Run]:
+    """Undo `expand_multi_task`: each run once, as it was recorded (curves and routing are per run, not per set)."""
+    out: list[Run] = []
+    seen: set[Path] = set()
+    for r in runs:
+        whole = r.of or r
+        if whole.dir not in seen:
+            seen.add(whole.dir)
+            out.append(whole)
     return out

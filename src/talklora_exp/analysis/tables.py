@@ -144,6 +144,9 @@ def protocols(runs: list[Run]) -> str:
     return "; ".join(sorted({r.protocol for r in runs})) or "–"
 
 
+TRIVIAL_LABEL = {False: "_Majority class / constant_", True: "_Majority answer_"}  # {generation family?: row label}
+
+
 def score_table(
     runs: list[Run],
     family: str,
@@ -221,21 +224,38 @@ def score_table(
     task_cols = in_order({k[1] for k in groups}, order)
     header = ["Method", "Adapter params"] + [labels.get(t, t) for t in task_cols] + ["Avg"]
     trivial = {t: trivial[t] for t in task_cols if t in (trivial or {})}
+    generation = family != "glue"
     if trivial:
-        rows.append(["_Majority class / constant_", "0"] + [f"{100 * trivial[t]:.2f}" if t in trivial else "–" for t in task_cols] + ["–"])  # fmt: skip
+        cells = [f"{100 * trivial[t]:.2f}" if t in trivial else "–" for t in task_cols]
+        every = generation and len(trivial) == len(task_cols)  # an average only over every column
+        avg_cell = f"{100 * float(np.mean([trivial[t] for t in task_cols])):.2f}" if every else "–"
+        rows.append([TRIVIAL_LABEL[generation], "0", *cells, avg_cell])
     fam_runs = [r for rs in groups.values() for r in rs.values()]
+    ranks = _ranks(fam_runs) if generation else ""
     note = (f"Main metric per task x100, mean ± std over seeds ({', '.join(f'{s[1]}/{s[0]}' for s in settings)}). "
             f"Reported split: {', '.join(sorted({r.metrics.get('report_split', 'dev') for r in fam_runs}))}; checkpoint "
             f"selection: {protocols(fam_runs)}. Bold: best mean. {cmp.legend({k[2] for k in groups})}."
+            + ranks
             + (" (n=k): mean over only k seeds, fewer than the table's other cells." if short else "")
-            + (" Majority class / constant: the best constant prediction on dev (its most frequent label; MCC 0; "
-               "none for Pearson)." if trivial else ""))  # fmt: skip
+            + ((" Majority answer: always giving each set's most frequent gold answer, on the same test examples."
+                if generation else " Majority class / constant: the best constant prediction on dev (its most "
+                "frequent label; MCC 0; none for Pearson).") if trivial else ""))  # fmt: skip
     sig = Table(
         f"{title}: significance (paired over seeds)",
         ["Model", "Budget", "Task", "Comparison", "Δ (x100)", "p (paired t)", "seeds"],
         sig_rows,
     )
     return Table(title, header, rows, note), sig
+
+
+def _ranks(runs: list[Run]) -> str:
+    """The caption's rank (and experts) per method: a matched budget gives each method its own rank."""
+    seen: dict[str, str] = {}
+    for r in runs:
+        m, rank, e = r.metrics.get("method"), r.metrics.get("rank"), r.metrics.get("num_experts")
+        if m and m != "none" and rank is not None:
+            seen.setdefault(m, f"{label(m)} r={rank}" + (f" (E={e})" if e and e > 1 else ""))
+    return (" Rank per method: " + ", ".join(seen[m] for m in in_order(seen, METHOD_ORDER)) + ".") if seen else ""
 
 
 def routing_table(runs: list[Run]) -> Table | None:

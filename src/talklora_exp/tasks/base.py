@@ -18,6 +18,15 @@ from ..errors import UserError
 T = TypeVar("T")
 
 
+@dataclass
+class EvalResult:
+    """What `Task.evaluate` returns: the metrics, and what the run dir records beside them."""
+
+    metrics: dict[str, float]
+    predictions: list[dict] | None = None  # per-example rows (generation tasks: predictions.jsonl)
+    counts: dict[str, int] | None = None  # examples scored per split, gathered across processes, duplicates dropped
+
+
 class Split(Dataset):
     """A list of tokenized feature dicts; `lengths` feeds the length-grouped sampler."""
 
@@ -113,7 +122,7 @@ class Task:
         exact mean over the split whatever the batching and the number of processes."""
         raise NotImplementedError
 
-    def evaluate(self, model: Any, loaders: dict[str, Any], accelerator: Any, on_batch: Any = None) -> dict[str, float]:
+    def evaluate(self, model: Any, loaders: dict[str, Any], accelerator: Any, on_batch: Any = None) -> EvalResult:
         """Metrics over every eval split; `on_batch(batch)` runs before each forward (routing statistics use it to
-        see the padding mask). Tasks may leave per-example rows in `self.last_predictions`."""
+        see the padding mask)."""
         raise NotImplementedError

@@ -16,7 +16,7 @@ import torch
 
 from ..data import describe_search, find_local, iter_lines
 from ..errors import UserError
-from .base import Split, Task, TaskData, split_and_cap
+from .base import EvalResult, Split, Task, TaskData, split_and_cap
 
 IGNORE = -100
 
@@ -152,7 +152,6 @@ class GenerationTask(Task):
         self.prompt_side = str(cfg.prompt_truncation)
         self.train_bos, self.train_eos, self.test_bos = bool(cfg.train_bos), bool(cfg.train_eos), bool(cfg.test_bos)
         self.gen = None  # set by run.py from cfg.eval
-        self.last_predictions: list[dict] = []
 
     # -- data -----------------------------------------------------------------------------------------------------
     def records(self, data_dir: str | None) -> tuple[list[dict], dict[str, list[dict]], dict[str, Any]]:
@@ -253,7 +252,7 @@ class GenerationTask(Task):
         raise NotImplementedError
 
     @torch.no_grad()
-    def evaluate(self, model: Any, loaders: dict[str, Any], accelerator: Any, on_batch: Any = None) -> dict[str, float]:
+    def evaluate(self, model: Any, loaders: dict[str, Any], accelerator: Any, on_batch: Any = None) -> EvalResult:
         """Batched generation on left-padded prompts (decoding from `eval`); accuracy per eval set; predictions kept."""
         tok = self.tokenizer
         gen_model = accelerator.unwrap_model(model)
@@ -265,6 +264,7 @@ class GenerationTask(Task):
             kw.update(temperature=float(g.temperature), top_p=float(g.top_p), top_k=int(g.top_k))
         cut_at = list(g.get("cut_at") or [])
         metrics: dict[str, float] = {}
+        counts: dict[str, int] = {}
         preds_all: list[dict] = []
         for prefix, loader in loaders.items():
             rows: list[dict] = []
@@ -282,11 +282,11 @@ class GenerationTask(Task):
                                  "extracted": pred, "gold": r["answer"], "correct": pred == r["answer"]})  # fmt: skip
             rows = accelerator.gather_for_metrics(rows, use_gather_object=True)
             metrics[f"{prefix}accuracy"] = sum(r["correct"] for r in rows) / max(len(rows), 1)
+            counts[prefix or "test"] = len(rows)
             preds_all += rows
         if len(loaders) > 1:  # commonsense/all: the paper's average over tasks
             metrics["accuracy"] = sum(metrics.values()) / len(metrics)
-        self.last_predictions = preds_all
-        return metrics
+        return EvalResult(metrics, preds_all, counts)
 
 
 class CommonsenseTask(GenerationTask):
@@ -308,7 +308,12 @@ class CommonsenseTask(GenerationTask):
         root = find_local(data_dir, "commonsense")  # one data dir for the whole dataset, never mixed across dirs
         if root is None:
             raise UserError(f"commonsense: no data folder; {describe_search(data_dir, 'commonsense')}")
-        if (root / TRAIN_170K).exists():
+        own = root / self.name / "train.json"
+        if self.name != "all" and own.exists():  # upstream's single-task mode: the set's own train file
+            train = [{**r, "id": f"{self.name}-train-{i}", "task": self.name}
+                     for i, r in enumerate(check_answers(own, self.name, read_json_records(own, req)))]  # fmt: skip
+            source = f"{self.name}/train.json (the set's own train file)"
+        elif (root / TRAIN_170K).exists():
             train = [{**r, "id": f"170k-{i}"} for i, r in enumerate(read_json_records(root / TRAIN_170K, req))]
             source = str(root / TRAIN_170K)
         else:
@@ -318,6 +323,8 @@ class CommonsenseTask(GenerationTask):
             train = [{**r, "id": f"{p.parent.name}-train-{i}", "task": p.parent.name} for p in files
                      for i, r in enumerate(check_answers(p, p.parent.name, read_json_records(p, req)))]  # fmt: skip
             source = "per-task train files: " + ", ".join(p.parent.name for p in files)
+        if self.name != "all" and not own.exists():  # a set without its own train file (HellaSwag here)
+            source = f"combined ({self.name} has no train file): {source}"
         evals = {}
         for t in self.eval_tasks:
             p = root / t / "test.json"
@@ -327,7 +334,7 @@ class CommonsenseTask(GenerationTask):
             evals[f"{t}/" if self.name == "all" else ""] = [
                 {**r, "id": f"{t}-{i}", "task": t} for i, r in enumerate(recs)
             ]
-        return train, evals, {"source": source, "train_source": source}
+        return train, evals, {"source": source, "train_source": source, "root": str(root)}
 
 
 class Gsm8kTask(GenerationTask):

@@ -15,7 +15,7 @@ from ..data import describe_search, find_local, iter_lines
 from ..errors import UserError
 from ..models import TWO_TOWER
 from . import metrics as M
-from .base import Split, Task, TaskData, split_and_cap
+from .base import EvalResult, Split, Task, TaskData, split_and_cap
 
 
 @dataclass(frozen=True)
@@ -259,11 +259,11 @@ class GlueTask(Task):
     @torch.no_grad()
     def evaluate(
         self, model: Any, loaders: dict[str, Any], accelerator: Any, on_batch: Any = None, with_loss: bool = False
-    ) -> dict[str, float]:
+    ) -> EvalResult:
         """Metrics per split; `with_loss` adds `<prefix>loss`, the exact mean of example_losses over the split."""
         model.eval()
         out: dict[str, float] = {}
-        self.last_eval_counts: dict[str, int] = {}
+        counts: dict[str, int] = {}
         for prefix, loader in loaders.items():
             preds, labels = [], []
             tot = torch.zeros((), dtype=torch.float64, device=accelerator.device)
@@ -278,8 +278,8 @@ class GlueTask(Task):
                 preds.append(p.cpu())
                 labels.append(y.cpu())
             p_all, y_all = torch.cat(preds).numpy(), torch.cat(labels).numpy()
-            self.last_eval_counts[prefix or "dev"] = len(y_all)  # gathered across processes, duplicates dropped
+            counts[prefix or "dev"] = len(y_all)  # gathered across processes, duplicates dropped
             if with_loss:
                 out[f"{prefix}loss"] = float(tot / max(len(y_all), 1))
             out.update(M.compute(self.metric_names, p_all, y_all, prefix))
-        return out
+        return EvalResult(out, counts=counts)
