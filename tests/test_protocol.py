@@ -46,7 +46,7 @@ class ScriptedTask(Task):
         self.weights_at_val.append(model.w.item())
         return torch.tensor([self.val_losses.pop(0)]), torch.tensor([1.0])
 
-    def evaluate(self, model, loaders, accelerator, on_batch=None):
+    def evaluate(self, model, loaders, accelerator, on_batch=None, progress=False):
         self.report_calls += 1
         return EvalResult({"accuracy": model.w.item()})
 

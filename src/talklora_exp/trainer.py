@@ -227,7 +227,8 @@ class Trainer:
         rec = self.hooks.routing
         if rec is not None:
             rec.start()
-        result = self.task.evaluate(self.model, self.eval_dls, self.acc, on_batch=self.hooks.set_batch)
+        show = bool(self.cfg.progress)
+        result = self.task.evaluate(self.model, self.eval_dls, self.acc, on_batch=self.hooks.set_batch, progress=show)
         self.report_counts = result.counts
         routing = rec.stop() if rec is not None else None
         self.model.train()

@@ -122,7 +122,9 @@ class Task:
         exact mean over the split whatever the batching and the number of processes."""
         raise NotImplementedError
 
-    def evaluate(self, model: Any, loaders: dict[str, Any], accelerator: Any, on_batch: Any = None) -> EvalResult:
+    def evaluate(
+        self, model: Any, loaders: dict[str, Any], accelerator: Any, on_batch: Any = None, progress: bool = False
+    ) -> EvalResult:
         """Metrics over every eval split; `on_batch(batch)` runs before each forward (routing statistics use it to
-        see the padding mask)."""
+        see the padding mask); `progress` asks for a progress bar where evaluation is long."""
         raise NotImplementedError

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from ..data import describe_search, find_local, iter_lines
 from ..errors import UserError
@@ -252,8 +253,11 @@ class GenerationTask(Task):
         raise NotImplementedError
 
     @torch.no_grad()
-    def evaluate(self, model: Any, loaders: dict[str, Any], accelerator: Any, on_batch: Any = None) -> EvalResult:
-        """Batched generation on left-padded prompts (decoding from `eval`); accuracy per eval set; predictions kept."""
+    def evaluate(
+        self, model: Any, loaders: dict[str, Any], accelerator: Any, on_batch: Any = None, progress: bool = False
+    ) -> EvalResult:
+        """Batched generation on left-padded prompts (decoding from `eval`); accuracy per eval set; predictions kept.
+        `progress`: a bar with rate and ETA over all sets (decoding a test set takes the better part of an hour on CPU)."""
         tok = self.tokenizer
         gen_model = accelerator.unwrap_model(model)
         gen_model.eval()
@@ -266,9 +270,13 @@ class GenerationTask(Task):
         metrics: dict[str, float] = {}
         counts: dict[str, int] = {}
         preds_all: list[dict] = []
+        bar = tqdm(total=sum(len(dl) for dl in loaders.values()), desc="decode", unit="batch", dynamic_ncols=True,
+                   disable=not (progress and accelerator.is_main_process))  # fmt: skip
         for prefix, loader in loaders.items():
             rows: list[dict] = []
+            bar.set_postfix_str(prefix.rstrip("/") or self.name)
             for batch in loader:
+                bar.update(1)
                 recs = batch["records"]
                 enc = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
                 if on_batch is not None:
@@ -284,6 +292,7 @@ class GenerationTask(Task):
             metrics[f"{prefix}accuracy"] = sum(r["correct"] for r in rows) / max(len(rows), 1)
             counts[prefix or "test"] = len(rows)
             preds_all += rows
+        bar.close()
         if len(loaders) > 1:  # commonsense/all: the paper's average over tasks
             metrics["accuracy"] = sum(metrics.values()) / len(metrics)
         return EvalResult(metrics, preds_all, counts)

@@ -258,9 +258,16 @@ class GlueTask(Task):
 
     @torch.no_grad()
     def evaluate(
-        self, model: Any, loaders: dict[str, Any], accelerator: Any, on_batch: Any = None, with_loss: bool = False
+        self,
+        model: Any,
+        loaders: dict[str, Any],
+        accelerator: Any,
+        on_batch: Any = None,
+        with_loss: bool = False,
+        progress: bool = False,
     ) -> EvalResult:
-        """Metrics per split; `with_loss` adds `<prefix>loss`, the exact mean of example_losses over the split."""
+        """Metrics per split; `with_loss` adds `<prefix>loss`, the exact mean of example_losses over the split.
+        (`progress` is accepted and unused: a GLUE dev set takes seconds.)"""
         model.eval()
         out: dict[str, float] = {}
         counts: dict[str, int] = {}
