@@ -231,14 +231,14 @@ def test_model_kind_mismatch_is_clear(tmp_path: Path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("task,method", [("commonsense/boolq", "talklora"), ("gsm8k", "lora")])
-def test_smollm2_end_to_end(tmp_path: Path, task: str, method: str):
+@pytest.mark.parametrize("task,method,decoding", [("commonsense/boolq", "talklora", "upstream"), ("gsm8k", "lora", "greedy")])
+def test_smollm2_end_to_end(tmp_path: Path, task: str, method: str, decoding: str):
     from talklora_exp.run import run
 
     root = make_cs_dir(tmp_path / "data")
     cfg = compose_cfg([f"method={method}", "model=smollm2-135m", f"task={task}", f"paths.data_dir={root}", "trainer.max_steps=2",
                        "trainer.batch_size=2", "trainer.grad_accum=1", "trainer.max_eval_samples=4", "eval.max_new_tokens=8",
-                       "trainer.progress=false", "trainer.log_every=1", "task.val_size=2"])  # fmt: skip
+                       "trainer.progress=false", "trainer.log_every=1", "task.val_size=2", f"eval={decoding}"])  # fmt: skip
     m = run(cfg, tmp_path / "run")
     assert m["status"] == "completed" and "accuracy" in m["eval"] and m["data"]["train_source"]
     preds = [json.loads(x) for x in (tmp_path / "run" / "predictions.jsonl").read_text().splitlines()]
@@ -246,7 +246,9 @@ def test_smollm2_end_to_end(tmp_path: Path, task: str, method: str):
     assert set(preds[0]) == {"id", "task", "prompt", "generated", "extracted", "gold", "correct"}
     assert m["eval"]["accuracy"] == sum(p["correct"] for p in preds) / 4
     if method == "talklora":  # B shared across layers per projection type on a LLaMA model
-        assert m["adapter_params"] > 0 and (tmp_path / "run" / "routing.json").exists()
+        assert m["adapter_params"] > 0
+        routing = json.loads((tmp_path / "run" / "routing.json").read_text())
+        assert routing["layers"] and all(v["tokens"] > 0 for v in routing["layers"].values())  # the prompts, once
 
 
 def test_data_root_is_not_mixed_across_dirs(tmp_path: Path, monkeypatch):

@@ -70,6 +70,28 @@ def test_recorder_skips_padding_and_constant_router_has_zero_sensitivity():
     assert out["sensitivity"] == pytest.approx(0.0)
 
 
+def test_recorder_counts_a_beam_searched_prompt_once_and_skips_decode_steps():
+    """Beam search runs each prompt row once per beam (rows repeated in place): the statistics are the prompt's own,
+    token count included; the one-token decode steps that follow do not line up with the mask and are skipped."""
+    lyr = FixedRouter([0.5, 0.3, 0.2])
+    x = torch.randn(2, 3, 5)
+    g = lyr.probs(x).clone()
+    g[0, 0] = torch.tensor([1.0, 0.0, 0.0])
+    g[1, 2] = torch.tensor([0.0, 0.0, 1.0])  # padding
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    stats = []
+    for n_beams in (1, 4):
+        rec = RoutingRecorder({"fixed": lyr})
+        rec.set_mask(mask)
+        rec.start()
+        lyr.probe(g.repeat_interleave(n_beams, 0), x.repeat_interleave(n_beams, 0))
+        lyr.probe(lyr.probs(x[:, :1]).repeat_interleave(n_beams, 0), x[:, :1].repeat_interleave(n_beams, 0))
+        stats.append(rec.stop()["layers"]["fixed"])
+    assert stats[1]["tokens"] == stats[0]["tokens"] == 5
+    assert stats[1]["load"] == pytest.approx(stats[0]["load"])
+    assert stats[0]["load"] == pytest.approx([(1.0 + 4 * 0.5) / 5, 4 * 0.3 / 5, 4 * 0.2 / 5])
+
+
 def test_sensitivity_of_a_real_layer_matches_its_definition():
     """(|g(x+dx) - g(x)| / |g(x)|) / (|dx| / |x|) per token, averaged, with |dx| = 1% of |x| in a random direction:
     recomputed here with the recorder's own noise stream (seed 0)."""

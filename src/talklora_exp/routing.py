@@ -88,6 +88,14 @@ class RoutingRecorder:
         """A mask is set but does not fit (e.g. one-token decode steps after a prompt): skip, don't guess."""
         return self.mask is not None and tuple(self.mask.shape) != tuple(shape)
 
+    def beams(self, shape: torch.Size) -> int:
+        """How many copies of each masked row this activation holds: beam search runs the prompt once per beam,
+        each batch row repeated in place (`repeat_interleave`), so the copies are identical and count once."""
+        if self.mask is None or len(shape) != 2 or self.mask.dim() != 2 or shape[1] != self.mask.shape[1]:
+            return 1
+        b, n = self.mask.shape[0], shape[0]
+        return n // b if n > b and n % b == 0 else 1
+
     def start(self) -> None:
         self.active, self.acc, self._gen = True, {}, None
 
@@ -105,6 +113,9 @@ class RoutingRecorder:
     @torch.no_grad()
     def observe(self, name: str, layer: Any, x: torch.Tensor, g: torch.Tensor) -> None:
         E = g.shape[-1]
+        n_beams = self.beams(g.shape[:-1])
+        if n_beams > 1:  # the prompt's forward under beam search: the first copy of each row
+            x, g = x[::n_beams], g[::n_beams]
         if self.mismatched(g.shape[:-1]):
             return
         m = self.token_mask(g.shape[:-1])

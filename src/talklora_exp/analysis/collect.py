@@ -105,6 +105,8 @@ def _read_run(d: Path, m: dict[str, Any]) -> Run:
     routing = json.loads(rp.read_text()) if rp.exists() else None
     if routing is not None and not isinstance(routing, dict):
         raise ValueError("routing.json is not an object")
+    if routing is not None and not routing.get("layers"):
+        routing = None  # nothing was recorded (e.g. an evaluation where no token's mask lined up): no routing row
     run = Run(d, m, routing, read_jsonl(lp) if lp.exists() else [])
     if not isinstance(run.config, dict):
         raise ValueError("identity.json's config is not an object")
