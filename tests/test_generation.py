@@ -231,7 +231,9 @@ def test_model_kind_mismatch_is_clear(tmp_path: Path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("task,method,decoding", [("commonsense/boolq", "talklora", "upstream"), ("gsm8k", "lora", "greedy")])
+@pytest.mark.parametrize(
+    "task,method,decoding", [("commonsense/boolq", "talklora", "upstream"), ("gsm8k", "lora", "greedy")]
+)
 def test_smollm2_end_to_end(tmp_path: Path, task: str, method: str, decoding: str):
     from talklora_exp.run import run
 
