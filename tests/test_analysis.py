@@ -559,3 +559,23 @@ def test_convergence_table_hand_computed(tmp_path: Path):
         "| MRPC | TalkLoRA | 2 | 3 | 0.50 (0.40–0.60) | 55.00 → 75.00 | 57.50 → 65.50 | 68.00 | 6.0–15.0 | 1 of 2 |"
         in md
     )
+
+
+def test_answer_share_table_hand_computed(tmp_path: Path):
+    """Seed 1 answers A,A,A,B on 4 ARC-e questions (75%), seed 2 A,B,B,B (75%): mean 75.0; gold A,B,C,D: 25.0."""
+    golds = ["answer1", "answer2", "answer3", "answer4"]
+    for seed, said in ((1, ["answer1"] * 3 + ["answer2"]), (2, ["answer1"] + ["answer2"] * 3)):
+        d = tmp_path / "r" / f"s{seed}"
+        d.mkdir(parents=True)
+        m = {"status": "completed", "task": "all", "task_family": "commonsense", "method": "lora", "model": "m",
+             "seed": seed, "budget": {"name": "none"}, "adapter_params": 1, "main_metric": "accuracy",
+             "eval": {"ARC-Easy/accuracy": 0.25, "accuracy": 0.25}}  # fmt: skip
+        (d / "metrics.json").write_text(json.dumps(m))
+        rows = [
+            {"id": f"ARC-Easy-{i}", "task": "ARC-Easy", "extracted": s, "gold": g}
+            for i, (s, g) in enumerate(zip(said, golds))
+        ]
+        (d / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    analysis_main([str(tmp_path / "r"), "--out", str(tmp_path / "o"), "--no-plots"])
+    md = (tmp_path / "o" / "tables" / "commonsense_answers.md").read_text()
+    assert "| LoRA | 2 | 75.0 |" in md and "| _Gold answers_ | – | 25.0 |" in md

@@ -12,6 +12,7 @@ from .tables import (
     GLUE_LABEL,
     GLUE_ORDER,
     Compare,
+    answer_share_table,
     compute_table,
     convergence_table,
     failed_table,
@@ -55,6 +56,10 @@ def main(argv: list[str] | None = None) -> int:
             res[1].write(tables_dir, f"{stem}_significance")
             written += [stem, f"{stem}_significance"]
     whole = whole_runs(runs)  # per run, not per commonsense set
+    shares = answer_share_table([r for r in whole if r.metrics.get("task_family") == "commonsense"], CS_ORDER, CS_LABEL)
+    if shares:
+        shares.write(tables_dir, "commonsense_answers")
+        written.append("commonsense_answers")
     rt = routing_table(whole)
     if rt:
         rt.write(tables_dir, "routing")

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import math
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -401,3 +402,36 @@ def failed_table(bad: list[tuple[Path, str]], root: Path) -> str:
             pass
         lines.append(f"| {d} | {why.replace('|', '/')[:200]} |")
     return "\n".join(lines + [""])
+
+
+def answer_share_table(runs: list[Run], order: list[str], labels: dict[str, str]) -> Table | None:
+    """How often each method gives its single most frequent answer per set (from `predictions.jsonl`), beside the
+    gold answers' own top share: a method near 100 answers by position, not content, whatever its accuracy."""
+    shares: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    gold: dict[str, dict[str, str]] = defaultdict(dict)
+    for r in sorted(runs, key=lambda r: str(r.dir)):
+        p = r.dir / "predictions.jsonl"
+        if not p.exists():
+            continue
+        per: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        for line in p.read_text().splitlines():
+            row = json.loads(line)
+            per[row["task"]].append(row)
+        for task, rows in per.items():
+            top = Counter(str(x["extracted"]) for x in rows).most_common(1)[0][1]
+            shares[r.metrics["method"]][task].append(top / len(rows))
+            gold[task].update({str(x["id"]): str(x["gold"]) for x in rows})
+    tasks = in_order({t for m in shares.values() for t in m}, order)
+    if not tasks:
+        return None
+    rows = []
+    for method in in_order(shares, METHOD_ORDER):
+        cells = [label(method), str(max(len(v) for v in shares[method].values()))]
+        cells += [f"{100 * np.mean(shares[method][t]):.1f}" if shares[method].get(t) else "–" for t in tasks]
+        rows.append(cells)
+    top_gold = [Counter(gold[t].values()).most_common(1)[0][1] / len(gold[t]) for t in tasks]
+    rows.append(["_Gold answers_", "–"] + [f"{100 * s:.1f}" for s in top_gold])
+    note = ("Share (%) of a set's test examples given the run's most frequent extracted answer, mean over the runs "
+            "with predictions; the gold row is the most frequent gold answer's share (the majority-answer accuracy). "
+            "100 = the same answer for every question.")  # fmt: skip
+    return Table("Most frequent answer's share", ["Method", "Runs"] + [labels.get(t, t) for t in tasks], rows, note)
