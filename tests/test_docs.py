@@ -139,3 +139,15 @@ def test_quoted_command_works(where: str, cmd: str):
         method_config(cfg.method)
     else:
         assert _help_codes()[entry] == 0, f"{where}: `{cmd}`: `{entry} --help` failed"
+
+
+def test_choices_page_is_generated_from_the_code():
+    """docs/choices.md lists the same closed sets validation uses (one definition: talklora_exp.choices and the
+    method configs' `choices`); a new or changed choice must regenerate it."""
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "choices_doc.py"), "--check"], capture_output=True, text=True
+    )
+    assert r.returncode == 0, r.stderr
+    text = (ROOT / "docs" / "choices.md").read_text()
+    assert "| `trainer.select` | `val_from_train`, `best_dev`, `last` | all |" in text
+    assert "| `method.talk` | `learned`, `identity`, `off` | `moelora`, `talklora` |" in text

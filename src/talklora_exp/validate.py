@@ -70,7 +70,8 @@ RULES: dict[str, tuple[str, Any]] = {
     "budget.tolerance": ("float", (0.0, None, "open")),
     "budget.lora_rank": ("int", (1, None)),
     "budget.params": ("int", (1, None)),
-    "budget.type": ("choice", ("none", "relative", "absolute")),
+    "budget.type": ("choice", C.BUDGET_TYPES),
+    "logger.mode": ("choice", C.LOGGER_MODES),
 }
 
 
