@@ -305,6 +305,25 @@ def test_commonsense_majority_answer_row_from_the_scored_examples(tmp_path: Path
     assert not (tmp_path / "o" / "figures" / "loss_curves.png").exists()
 
 
+def test_zero_shot_row_is_one_evaluation_not_a_short_mean(tmp_path: Path):
+    """method=none is evaluated once (no training, so no seeds to run): its row shows that one value, without the
+    (n=1) mark that flags a method missing seeds, while a trained method missing a seed still gets it."""
+    runs = {("lora", 1): 0.60, ("lora", 2): 0.62, ("talklora", 1): 0.70, ("talklora", 2): 0.72, ("moelora", 1): 0.50,
+            ("none", 1): 0.10}  # fmt: skip
+    for (method, seed), acc in runs.items():
+        d = tmp_path / "r" / f"{method}-{seed}"
+        d.mkdir(parents=True)
+        m = {"status": "completed", "task": "all", "task_family": "commonsense", "method": method, "model": "m",
+             "seed": seed, "budget": {"name": "b"}, "adapter_params": 0 if method == "none" else 10,
+             "eval": {"boolq/accuracy": acc, "accuracy": acc}, "main_metric": "accuracy"}  # fmt: skip
+        (d / "metrics.json").write_text(json.dumps(m))
+    assert analysis_main([str(tmp_path / "r"), "--out", str(tmp_path / "o"), "--no-plots"]) == 0
+    md = (tmp_path / "o" / "tables" / "commonsense.md").read_text()
+    assert "| Zero-shot (no training) | 0.0K | 10.00 | 10.00 |" in md
+    assert "| MoELoRA | 0.0K | 50.00 (n=1) | 50.00 (n=1) |" in md
+    assert "Zero-shot: the base model evaluated once" in md and "(n=k): mean over only k seeds" in md
+
+
 def test_significantly_worse_is_marked_too(tmp_path: Path):
     root = tmp_path / "r"
     for s, (a, b) in enumerate([(0.80, 0.70), (0.82, 0.71), (0.81, 0.69)], start=1):

@@ -207,7 +207,7 @@ def score_table(
                             diff, pval, n = paired_test(v, ref)
                             if pval is not None and pval < ALPHA:
                                 c += cmp.mark(base) if diff > 0 else f"↓{cmp.mark(base)}"
-                if len(v) < n_full:  # a sweep still running, or a failed seed: a mean over fewer seeds says so
+                if len(v) < n_full and m != "none":  # a missing seed says so; zero-shot has none to miss
                     c += f" (n={len(v)})"
                     short = True
                 cells.append(c)
@@ -232,11 +232,14 @@ def score_table(
         avg_cell = f"{100 * float(np.mean([trivial[t] for t in task_cols])):.2f}" if every else "–"
         rows.append([TRIVIAL_LABEL[generation], "0", *cells, avg_cell])
     fam_runs = [r for rs in groups.values() for r in rs.values()]
+    methods_all = {k[2] for k in groups}
     ranks = _ranks(fam_runs) if generation else ""
     note = (f"Main metric per task x100, mean ± std over seeds ({', '.join(f'{s[1]}/{s[0]}' for s in settings)}). "
             f"Reported split: {', '.join(sorted({r.metrics.get('report_split', 'dev') for r in fam_runs}))}; checkpoint "
             f"selection: {protocols(fam_runs)}. Bold: best mean. {cmp.legend({k[2] for k in groups})}."
             + ranks
+            + (" Zero-shot: the base model evaluated once per seed run (no training; without sampling every seed gives the same answers)."
+               if "none" in methods_all else "")
             + (" (n=k): mean over only k seeds, fewer than the table's other cells." if short else "")
             + ((" Majority answer: always giving each set's most frequent gold answer, on the same test examples."
                 if generation else " Majority class / constant: the best constant prediction on dev (its most "
