@@ -160,6 +160,40 @@ def test_loss_curves_average_training_loss_per_validation_window(tmp_path: Path,
     assert val[0] == [2, 4] and val[1] == pytest.approx([0.6, 0.8])
 
 
+def test_a_one_point_curve_is_drawn_as_a_marker(tmp_path: Path, monkeypatch):
+    """The zero-shot row has one validation loss, at step 0: a line of one point draws nothing, so it gets a marker;
+    a method with several points stays a plain line."""
+    import matplotlib.axes
+
+    from talklora_exp.analysis.collect import collect
+    from talklora_exp.analysis.plots import loss_curves
+
+    root = tmp_path / "results"
+    write_run(root, "rte", "none", 1, 0.5, routing=False, params=1)
+    (root / "rte-none-1-g1" / "train_log.jsonl").write_text(json.dumps({"step": 0, "val": {"loss": 2.6}}) + "\n")
+    write_run(root, "rte", "lora", 1, 0.6)
+    log = [
+        {"step": 1, "loss": 1.0},
+        {"step": 1, "val": {"loss": 0.9}},
+        {"step": 2, "loss": 0.8},
+        {"step": 2, "val": {"loss": 0.7}},
+    ]
+    (root / "rte-lora-1-g1" / "train_log.jsonl").write_text("".join(json.dumps(x) + "\n" for x in log))
+    got: list[tuple[list, dict]] = []
+    orig = matplotlib.axes.Axes.plot
+
+    def plot(self, x, y, *a, **k):
+        got.append((list(x), k))
+        return orig(self, x, y, *a, **k)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", plot)
+    runs, _ = collect([root])
+    loss_curves(runs, tmp_path / "figs")
+    by_label = {(k["label"], len(x)): k for x, k in got}
+    assert by_label[("Zero-shot (no training)", 1)]["marker"] == "o"
+    assert "marker" not in by_label[("LoRA", 2)]
+
+
 def test_tables_regenerate_byte_for_byte(runs: Path, tmp_path: Path):
     analysis_main([str(runs), "--out", str(tmp_path / "a")])
     analysis_main([str(runs), "--out", str(tmp_path / "b")])

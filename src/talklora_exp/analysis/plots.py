@@ -55,10 +55,12 @@ def _save(fig, out: Path, stem: str) -> list[Path]:
 
 
 def _curve(ax, series: dict[int, list[float]], m: str, ms: list[str]) -> None:
-    """Mean over seeds with a min-max band."""
+    """Mean over seeds with a min-max band; a single point (the zero-shot row's step 0) as a marker, since a line of
+    one point draws nothing."""
     steps = sorted(series)
     mean = np.array([np.mean(series[x]) for x in steps])
-    ax.plot(steps, mean, "-", label=label(m), color=color(m, ms), lw=1.2)
+    point = {"marker": "o", "ms": 4} if len(steps) == 1 else {}
+    ax.plot(steps, mean, "-", label=label(m), color=color(m, ms), lw=1.2, **point)
     if any(len(series[x]) > 1 for x in steps):
         lo, hi = np.array([min(series[x]) for x in steps]), np.array([max(series[x]) for x in steps])
         ax.fill_between(steps, lo, hi, color=color(m, ms), alpha=0.18, lw=0)
