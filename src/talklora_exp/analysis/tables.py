@@ -236,7 +236,7 @@ def score_table(
     ranks = _ranks(fam_runs) if generation else ""
     note = (f"Main metric per task x100, mean ± std over seeds ({', '.join(f'{s[1]}/{s[0]}' for s in settings)}). "
             f"Reported split: {', '.join(sorted({r.metrics.get('report_split', 'dev') for r in fam_runs}))}; checkpoint "
-            f"selection: {protocols(fam_runs)}. Bold: best mean. {cmp.legend({k[2] for k in groups})}."
+            f"selection: {protocols(fam_runs)}. Bold: best mean. {cmp.legend(methods_all)}."
             + ranks
             + (" Zero-shot: the base model evaluated once per seed run (no training; without sampling every seed gives the same answers)."
                if "none" in methods_all else "")
