@@ -56,7 +56,7 @@ def test_training_layout_is_upstreams_written_out_by_hand():
     full = _task(prompt_max_length=5, response_max_length=3, train_on_prompt=True).encode_train(CharTok(), rec)
     assert full["labels"] == full["input_ids"]
     # test prompts: BOS first (upstream's f"{bos_token}" + prompt), same prompt cutoff, no response
-    t = _task(prompt_max_length=5).encode_eval(CharTok(), {**rec, "id": "x", "answer": "true"})
+    t = _task(prompt_max_length=5).encode_eval(CharTok(), {**rec, "id": "x", "answer": "true"}, 256)
     assert t["prompt_ids"] == [1, 110, 115, 101, 58, 10]
 
 

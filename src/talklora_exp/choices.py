@@ -13,3 +13,7 @@ PROMPT_TRUNCATION = ("left", "right")  # task.prompt_truncation
 BUDGET_TYPES = ("none", "relative", "absolute")  # budget.type
 LOGGER_MODES = ("offline", "online", "disabled")  # logger.mode (wandb)
 ADAPTER_DTYPES = ("fp32", "bf16", "fp16")  # method.adapter_dtype
+ANSWER_FORMATS = ("label", "text")  # task.answer_format (generation multiple-choice sets)
+PROMPT_STYLES = ("alpaca", "lm_eval")  # task.prompt_style
+SCORINGS = ("generate", "options", "both")  # eval.scoring
+OPTION_METRICS = ("acc", "acc_norm")  # what eval.scoring=options reports (lm-eval's names)

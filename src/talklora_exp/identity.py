@@ -44,6 +44,9 @@ NOT_RESULTS = (
 # value is part of the identity as usual.
 ADDED_WITH_DEFAULT: dict[str, Any] = {
     "model.pair_encoding": "cross",
+    "task.answer_format": "label",
+    "task.prompt_style": "alpaca",
+    "eval.scoring": "generate",
 }
 # Code fixes that change what some configs compute. A config a fix applies to carries `fix.<name>: true` in its
 # identity, so runs made before the fix never match it again: a sweep stops on them (naming the fix) instead of

@@ -255,7 +255,9 @@ class Trainer:
         out = {"loss": float(tot / cnt.clamp_min(1))}
         if self.selection.on_main:
             out.update(
-                self.task.evaluate(self.model, self.val_eval_dls, self.acc, on_batch=self.hooks.set_batch).metrics
+                self.task.evaluate(
+                    self.model, self.val_eval_dls, self.acc, on_batch=self.hooks.set_batch, selecting=True
+                ).metrics
             )
         self.model.train()
         return out

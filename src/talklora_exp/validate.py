@@ -61,6 +61,9 @@ RULES: dict[str, tuple[str, Any]] = {
     "task.test_bos": ("bool", None),
     "task.train_on_prompt": ("bool", None),
     "task.case_sensitive_extraction": ("bool", None),
+    "task.answer_format": ("choice", C.ANSWER_FORMATS),
+    "task.prompt_style": ("choice", C.PROMPT_STYLES),
+    "eval.scoring": ("choice", C.SCORINGS),
     "eval.max_new_tokens": ("int", (1, None)),
     "eval.num_beams": ("int", (1, None)),
     "eval.do_sample": ("bool", None),
@@ -142,6 +145,29 @@ def validate_config(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key, default=None)
         if value is not None:
             safe_name(key, value)
+    _check_scoring(cfg)
     if OmegaConf.select(cfg, "model.pair_encoding") == "cosine" and OmegaConf.select(cfg, "model.pooling") != "mean":
         raise UserError(f"model.pair_encoding=cosine reads mean-pooled sentence embeddings, but model.pooling="
                         f"{OmegaConf.select(cfg, 'model.pooling')!r}; set model.pooling=mean")  # fmt: skip
+
+
+def _check_scoring(cfg: DictConfig) -> None:
+    """Generation tasks: the answer format, prompt style, scoring and main metric must fit together."""
+    fam = OmegaConf.select(cfg, "task.family")
+    if fam not in ("commonsense", "gsm8k"):
+        return
+    fmt = OmegaConf.select(cfg, "task.answer_format", default="label")
+    style = OmegaConf.select(cfg, "task.prompt_style", default="alpaca")
+    scoring = OmegaConf.select(cfg, "eval.scoring", default="generate")
+    main = OmegaConf.select(cfg, "task.main_metric")
+    if fam == "gsm8k" and (scoring, fmt, style) != ("generate", "label", "alpaca"):
+        raise UserError("gsm8k has no options to score: it needs eval.scoring=generate, task.answer_format=label, "
+                        "task.prompt_style=alpaca")  # fmt: skip
+    if scoring != "options" and (fmt, style) != ("label", "alpaca"):
+        raise UserError(f"eval.scoring={scoring}: generation is scored by extracting upstream's option label, which "
+                        f"needs task.answer_format=label and task.prompt_style=alpaca (here {fmt}, {style}); use "
+                        "eval.scoring=options")  # fmt: skip
+    made = {"generate": ["accuracy"], "options": list(C.OPTION_METRICS), "both": ["accuracy", *C.OPTION_METRICS]}
+    if fam == "commonsense" and main not in made[scoring]:
+        raise UserError(f"task.main_metric={main!r} is not reported with eval.scoring={scoring}; allowed: "
+                        f"{made[scoring]}")  # fmt: skip

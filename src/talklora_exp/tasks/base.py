@@ -123,8 +123,15 @@ class Task:
         raise NotImplementedError
 
     def evaluate(
-        self, model: Any, loaders: dict[str, Any], accelerator: Any, on_batch: Any = None, progress: bool = False
+        self,
+        model: Any,
+        loaders: dict[str, Any],
+        accelerator: Any,
+        on_batch: Any = None,
+        progress: bool = False,
+        selecting: bool = False,
     ) -> EvalResult:
         """Metrics over every eval split; `on_batch(batch)` runs before each forward (routing statistics use it to
-        see the padding mask); `progress` asks for a progress bar where evaluation is long."""
+        see the padding mask); `progress` asks for a progress bar where evaluation is long; `selecting`: the call
+        scores validation for checkpoint selection, so only the selecting metric is needed."""
         raise NotImplementedError

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from ..data import describe_search, find_local, iter_lines
 from ..errors import UserError
+from . import options as opt
 from .base import EvalResult, Split, Task, TaskData, split_and_cap
 
 IGNORE = -100
@@ -152,7 +153,27 @@ class GenerationTask(Task):
         self.response_max = int(cfg.response_max_length)
         self.prompt_side = str(cfg.prompt_truncation)
         self.train_bos, self.train_eos, self.test_bos = bool(cfg.train_bos), bool(cfg.train_eos), bool(cfg.test_bos)
+        self.answer_format = str(cfg.get("answer_format", "label"))  # label (upstream) | text (cloze)
+        self.prompt_style = str(cfg.get("prompt_style", "alpaca"))  # alpaca (upstream) | lm_eval
         self.gen = None  # set by run.py from cfg.eval
+
+    @property
+    def upstream_format(self) -> bool:
+        """Upstream's sequences (Alpaca prompt, label response): trained and decoded exactly as upstream does."""
+        return self.answer_format == "label" and self.prompt_style == "alpaca"
+
+    @property
+    def scoring(self) -> str:
+        """`eval.scoring`: generate (decode and extract, upstream), options (option likelihood) or both."""
+        return str(self.gen.get("scoring", "generate")) if self.gen is not None else "generate"
+
+    def choices(self, rec: dict) -> opt.Choices:
+        """The record's scored options (tasks.options.requests); a record that does not parse names itself."""
+        task = rec.get("task", self.name)
+        try:
+            return opt.requests(task, rec, self.answer_format, self.prompt_style, self.templates)
+        except opt.ParseError as e:
+            raise UserError(f"{task} record {rec.get('id')}: cannot read its options ({e})") from None
 
     # -- data -----------------------------------------------------------------------------------------------------
     def records(self, data_dir: str | None) -> tuple[list[dict], dict[str, list[dict]], dict[str, Any]]:
@@ -165,18 +186,36 @@ class GenerationTask(Task):
         return ([tokenizer.bos_token_id] if bos and tokenizer.bos_token_id is not None else []) + ids
 
     def encode_train(self, tokenizer: Any, rec: dict) -> dict:
-        """prompt + response; labels are -100 on exactly the prompt tokens (unless train_on_prompt)."""
-        p_ids = self.prompt_ids(tokenizer, rec, self.train_bos)
-        r_ids = tokenizer(rec["output"].strip(), add_special_tokens=False)["input_ids"][: self.response_max]
+        """prompt + response; labels are -100 on exactly the prompt tokens (unless train_on_prompt). Another format
+        or prompt style trains on the gold choice's context and continuation, split as option scoring splits them."""
+        if self.upstream_format:
+            p_ids = self.prompt_ids(tokenizer, rec, self.train_bos)
+            r_ids = tokenizer(rec["output"].strip(), add_special_tokens=False)["input_ids"][: self.response_max]
+        else:
+            ch = self.choices(rec)
+            p_ids, r_ids = opt.encode_pair(tokenizer, ch.contexts[ch.gold], ch.continuations[ch.gold])
+            p_ids, r_ids = truncate(p_ids, self.prompt_max, self.prompt_side), r_ids[: self.response_max]
+            if self.train_bos and tokenizer.bos_token_id is not None:
+                p_ids = [tokenizer.bos_token_id, *p_ids]
         if self.train_eos:
             r_ids = r_ids + [tokenizer.eos_token_id]
         ids = p_ids + r_ids
         labels = list(ids) if self.train_on_prompt else [IGNORE] * len(p_ids) + r_ids
         return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
 
-    def encode_eval(self, tokenizer: Any, rec: dict) -> dict:
-        prompt = render_prompt(self.templates, rec["instruction"], rec.get("input", ""))
-        return {**rec, "prompt": prompt, "prompt_ids": self.prompt_ids(tokenizer, rec, self.test_bos)}
+    def encode_eval(self, tokenizer: Any, rec: dict, max_length: int) -> dict:
+        """What evaluation needs of a record: the decoding prompt (scoring generate/both) and each option's scored
+        row (options/both)."""
+        out = dict(rec)
+        if self.scoring != "options":
+            out["prompt"] = render_prompt(self.templates, rec["instruction"], rec.get("input", ""))
+            out["prompt_ids"] = self.prompt_ids(tokenizer, rec, self.test_bos)
+        if self.scoring != "generate":
+            ch = self.choices(rec)
+            out["choice_rows"] = opt.encode_choices(tokenizer, ch, max_length)
+            out["gold_index"], out["option_labels"] = ch.gold, ch.labels
+            out["norm_len"] = [len(c) - len(ch.delim) for c in ch.continuations]
+        return out
 
     def load(
         self,
@@ -205,10 +244,10 @@ class GenerationTask(Task):
         }
         val_data = None
         if val:
-            val_data = {"": Split([self.encode_eval(tokenizer, r) for r in val])}
+            val_data = {"": Split([self.encode_eval(tokenizer, r, max_length) for r in val])}
         return TaskData(
             train=Split(feats),
-            evals={k: Split([self.encode_eval(tokenizer, r) for r in v]) for k, v in evals.items()},
+            evals={k: Split([self.encode_eval(tokenizer, r, max_length) for r in v]) for k, v in evals.items()},
             info=info,
             val=Split([self.encode_train(tokenizer, r) for r in val]) if val else None,
             val_evals=val_data,
@@ -218,15 +257,20 @@ class GenerationTask(Task):
         pad = tokenizer.pad_token_id
 
         def collate(batch: list[dict]) -> dict:
-            if "labels" not in batch[0]:  # eval records: prompts left-padded for generation, records kept for scoring
-                n = max(len(b["prompt_ids"]) for b in batch)
-                return {
-                    "input_ids": torch.tensor([[pad] * (n - len(b["prompt_ids"])) + b["prompt_ids"] for b in batch]),
-                    "attention_mask": torch.tensor(
+            if "labels" not in batch[0]:  # eval records (see encode_eval)
+                out: dict[str, Any] = {"records": [{k: v for k, v in b.items() if k not in ("prompt_ids", "choice_rows")}
+                                                   for b in batch]}  # fmt: skip
+                if "prompt_ids" in batch[0]:  # prompts left-padded for generation
+                    n = max(len(b["prompt_ids"]) for b in batch)
+                    out["input_ids"] = torch.tensor(
+                        [[pad] * (n - len(b["prompt_ids"])) + b["prompt_ids"] for b in batch]
+                    )
+                    out["attention_mask"] = torch.tensor(
                         [[0] * (n - len(b["prompt_ids"])) + [1] * len(b["prompt_ids"]) for b in batch]
-                    ),
-                    "records": [{k: v for k, v in b.items() if k != "prompt_ids"} for b in batch],
-                }
+                    )
+                if "choice_rows" in batch[0]:  # every option of every record, one right-padded row each
+                    out["options"] = opt.collate_rows(batch, pad)
+                return out
             n = max(len(b["input_ids"]) for b in batch)
             out = {
                 "input_ids": torch.tensor([b["input_ids"] + [pad] * (n - len(b["input_ids"])) for b in batch]),
@@ -254,23 +298,25 @@ class GenerationTask(Task):
 
     @torch.no_grad()
     def evaluate(
-        self, model: Any, loaders: dict[str, Any], accelerator: Any, on_batch: Any = None, progress: bool = False
+        self,
+        model: Any,
+        loaders: dict[str, Any],
+        accelerator: Any,
+        on_batch: Any = None,
+        progress: bool = False,
+        selecting: bool = False,
     ) -> EvalResult:
-        """Batched generation on left-padded prompts (decoding from `eval`); accuracy per eval set; predictions kept.
+        """Accuracy per eval set by `eval.scoring`: `accuracy` from batched generation on left-padded prompts
+        (decoding from `eval`), `acc` / `acc_norm` from option likelihood; predictions kept. `selecting`: only what
+        the selecting metric (`task.main_metric`) needs (validation never decodes for an option metric).
         `progress`: a bar with rate and ETA over all sets (decoding a test set takes the better part of an hour on CPU)."""
-        tok = self.tokenizer
-        gen_model = accelerator.unwrap_model(model)
-        gen_model.eval()
-        g = self.gen
-        kw = dict(max_new_tokens=int(g.max_new_tokens), num_beams=int(g.num_beams), do_sample=bool(g.do_sample),
-                  pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)  # fmt: skip
-        if g.do_sample or int(g.num_beams) > 1:
-            kw.update(temperature=float(g.temperature), top_p=float(g.top_p), top_k=int(g.top_k))
-        cut_at = list(g.get("cut_at") or [])
+        model.eval()
+        do_gen = self.scoring != "options" and not (selecting and self.main_metric in ("acc", "acc_norm"))
+        do_opt = self.scoring != "generate" and not (selecting and self.main_metric == "accuracy")
         metrics: dict[str, float] = {}
         counts: dict[str, int] = {}
         preds_all: list[dict] = []
-        bar = tqdm(total=sum(len(dl) for dl in loaders.values()), desc="decode", unit="batch", dynamic_ncols=True,
+        bar = tqdm(total=sum(len(dl) for dl in loaders.values()), desc="evaluate", unit="batch", dynamic_ncols=True,
                    disable=not (progress and accelerator.is_main_process))  # fmt: skip
         for prefix, loader in loaders.items():
             rows: list[dict] = []
@@ -278,24 +324,61 @@ class GenerationTask(Task):
             for batch in loader:
                 bar.update(1)
                 recs = batch["records"]
-                enc = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-                if on_batch is not None:
-                    on_batch({"attention_mask": enc["attention_mask"]})
-                out = gen_model.generate(**enc, **kw)
-                raw = tok.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=False)
-                texts = [cut_generation(t, tok.eos_token, tok.pad_token, cut_at) for t in raw]
-                for r, t in zip(recs, texts):
-                    pred = self.extract(prefix, t)
-                    rows.append({"id": r["id"], "task": r.get("task", self.name), "prompt": r["prompt"], "generated": t,
-                                 "extracted": pred, "gold": r["answer"], "correct": pred == r["answer"]})  # fmt: skip
+                out = [{"id": r["id"], "task": r.get("task", self.name), "gold": r["answer"]} for r in recs]
+                if do_gen:
+                    for row, r, t in zip(out, recs, self._generate(model, batch, accelerator, on_batch)):
+                        pred = self.extract(prefix, t)
+                        row.update(prompt=r["prompt"], generated=t, extracted=pred, correct=pred == r["answer"])
+                if do_opt:
+                    for row, r, scores in zip(out, recs, self._score_options(model, batch, on_batch)):
+                        a, n = opt.pick(scores, r["norm_len"])
+                        labels = r["option_labels"]
+                        row.update(ll=scores, ll_pick=labels[a], ll_pick_norm=labels[n],
+                                   acc=a == r["gold_index"], acc_norm=n == r["gold_index"])  # fmt: skip
+                rows += out
             rows = accelerator.gather_for_metrics(rows, use_gather_object=True)
-            metrics[f"{prefix}accuracy"] = sum(r["correct"] for r in rows) / max(len(rows), 1)
+            n = max(len(rows), 1)
+            if do_gen:
+                metrics[f"{prefix}accuracy"] = sum(r["correct"] for r in rows) / n
+            if do_opt:
+                metrics[f"{prefix}acc"] = sum(r["acc"] for r in rows) / n
+                metrics[f"{prefix}acc_norm"] = sum(r["acc_norm"] for r in rows) / n
             counts[prefix or "test"] = len(rows)
             preds_all += rows
         bar.close()
-        if len(loaders) > 1:  # commonsense/all: the paper's average over tasks
-            metrics["accuracy"] = sum(metrics.values()) / len(metrics)
+        if len(loaders) > 1:  # commonsense/all: the paper's average over tasks, per metric
+            for m in ("accuracy", "acc", "acc_norm"):
+                per = [v for k, v in metrics.items() if k.endswith(f"/{m}")]
+                if per:
+                    metrics[m] = sum(per) / len(per)
         return EvalResult(metrics, preds_all, counts)
+
+    def _generate(self, model: Any, batch: dict, accelerator: Any, on_batch: Any) -> list[str]:
+        """Decoded continuations of the batch's prompts, cut as upstream cuts them."""
+        tok, g = self.tokenizer, self.gen
+        kw = dict(max_new_tokens=int(g.max_new_tokens), num_beams=int(g.num_beams), do_sample=bool(g.do_sample),
+                  pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)  # fmt: skip
+        if g.do_sample or int(g.num_beams) > 1:
+            kw.update(temperature=float(g.temperature), top_p=float(g.top_p), top_k=int(g.top_k))
+        enc = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        if on_batch is not None:
+            on_batch({"attention_mask": enc["attention_mask"]})
+        out = accelerator.unwrap_model(model).generate(**enc, **kw)
+        raw = tok.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=False)
+        return [cut_generation(t, tok.eos_token, tok.pad_token, list(g.get("cut_at") or [])) for t in raw]
+
+    def _score_options(self, model: Any, batch: dict, on_batch: Any) -> list[list[float]]:
+        """Each record's option log-likelihoods (tasks.options), all options of the batch in one forward."""
+        o = batch["options"]
+        if on_batch is not None:
+            on_batch({"attention_mask": o["attention_mask"]})
+        logits = model(input_ids=o["input_ids"], attention_mask=o["attention_mask"]).logits
+        flat = [s for s, _ in opt.continuation_logprobs(logits, o["cont"])]
+        out, i = [], 0
+        for k in o["n_choices"]:
+            out.append(flat[i : i + k])
+            i += k
+        return out
 
 
 class CommonsenseTask(GenerationTask):

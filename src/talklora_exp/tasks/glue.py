@@ -265,9 +265,11 @@ class GlueTask(Task):
         on_batch: Any = None,
         with_loss: bool = False,
         progress: bool = False,
+        selecting: bool = False,
     ) -> EvalResult:
         """Metrics per split; `with_loss` adds `<prefix>loss`, the exact mean of example_losses over the split.
-        (`progress` is accepted and unused: a GLUE dev set takes seconds.)"""
+        (`progress` and `selecting` are accepted and unused: a GLUE dev set takes seconds, and its metrics are one
+        computation.)"""
         model.eval()
         out: dict[str, float] = {}
         counts: dict[str, int] = {}
