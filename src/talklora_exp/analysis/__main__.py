@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .collect import collect, whole_runs
+from .collect import collect, whole_runs, with_metric
 from .plots import all_plots
 from .tables import (
     GLUE_LABEL,
@@ -18,6 +18,7 @@ from .tables import (
     failed_table,
     routing_table,
     score_table,
+    vs_zero_shot_table,
 )
 from .trivial import trivial_scores
 
@@ -50,12 +51,27 @@ def main(argv: list[str] | None = None) -> int:
     trivial = trivial_scores(runs)
     dev_trivial = {task: v for (task, split), v in trivial.items() if split == "eval"}
     for family, order, labels, title, stem in FAMILIES:
+        fam = [r for r in runs if r.metrics.get("task_family") == family]
+        metrics = sorted({str(r.metrics.get("main_metric")) for r in fam})
+        if metrics in (["acc"], ["acc_norm"]):  # option-likelihood scoring: say so, and add the other metric's table
+            title = f"{title.replace(' accuracy', '')}, option likelihood: {metrics[0]}"
+            other = "acc" if metrics == ["acc_norm"] else "acc_norm"
+            res = score_table(with_metric(fam, other), family, order, labels, f"{title[: title.rindex(':')]}: {other}",
+                              cmp, dev_trivial)  # fmt: skip
+            if res:
+                res[0].write(tables_dir, f"{stem}_{other}")
+                written.append(f"{stem}_{other}")
         res = score_table(runs, family, order, labels, title, cmp, dev_trivial)
         if res:
             res[0].write(tables_dir, stem)
             res[1].write(tables_dir, f"{stem}_significance")
             written += [stem, f"{stem}_significance"]
     whole = whole_runs(runs)  # per run, not per commonsense set
+    zs = vs_zero_shot_table([r for r in whole if r.metrics.get("task_family") == "commonsense"],
+                            "Fine-tuned against zero-shot")  # fmt: skip
+    if zs:
+        zs.write(tables_dir, "commonsense_vs_zero_shot")
+        written.append("commonsense_vs_zero_shot")
     shares = answer_share_table([r for r in whole if r.metrics.get("task_family") == "commonsense"], CS_ORDER, CS_LABEL)
     if shares:
         shares.write(tables_dir, "commonsense_answers")

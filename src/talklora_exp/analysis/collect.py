@@ -133,24 +133,30 @@ def one_config_per_cell(runs: list[Run]) -> tuple[list[Run], list[tuple[Path, st
 
 
 def expand_multi_task(runs: list[Run]) -> list[Run]:
-    """A `commonsense/all` run reports `<task>/accuracy` per eval set: one virtual run per task for the tables."""
+    """A `commonsense/all` run reports `<task>/<metric>` per eval set: one virtual run per task for the tables, with
+    every metric of that set (`accuracy` from generation; `acc`, `acc_norm` from option scoring) and the run's main
+    metric."""
     out: list[Run] = []
     for r in runs:
-        per = {k.split("/")[0]: v for k, v in r.metrics.get("eval", {}).items() if k.endswith("/accuracy")}
+        main = r.metrics.get("main_metric", "accuracy")
+        per: dict[str, dict[str, float]] = {}
+        for k, v in r.metrics.get("eval", {}).items():
+            if "/" in k:
+                per.setdefault(k.split("/")[0], {})[k.split("/", 1)[1]] = v
+        per = {t: m for t, m in per.items() if main in m}
         if r.metrics.get("task") != "all" or not per:
             out.append(r)
             continue
-        for t, v in sorted(per.items()):
-            out.append(
-                Run(
-                    r.dir / t,
-                    {**r.metrics, "task": t, "eval": {"accuracy": v}, "main_metric": "accuracy"},
-                    r.routing,
-                    r.log,
-                    of=r,
-                )
-            )
+        for t, m in sorted(per.items()):
+            out.append(Run(r.dir / t, {**r.metrics, "task": t, "eval": m, "main_metric": main}, r.routing, r.log, of=r))
     return out
+
+
+def with_metric(runs: list[Run], metric: str) -> list[Run]:
+    """The same runs read by another reported metric (e.g. `acc` beside the headline `acc_norm`); runs that do not
+    report it are left out."""
+    return [Run(r.dir, {**r.metrics, "main_metric": metric}, r.routing, r.log, of=r.of)
+            for r in runs if metric in r.metrics.get("eval", {})]  # fmt: skip
 
 
 def whole_runs(runs: list[Run]) -> list[Run]:

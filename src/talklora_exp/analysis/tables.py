@@ -420,8 +420,9 @@ def answer_share_table(runs: list[Run], order: list[str], labels: dict[str, str]
         for line in p.read_text().splitlines():
             row = json.loads(line)
             per[row["task"]].append(row)
+        pick = {"acc": "ll_pick", "acc_norm": "ll_pick_norm"}.get(r.metrics.get("main_metric", ""), "extracted")
         for task, rows in per.items():
-            top = Counter(str(x["extracted"]) for x in rows).most_common(1)[0][1]
+            top = Counter(str(x.get(pick, x.get("extracted"))) for x in rows).most_common(1)[0][1]
             shares[r.metrics["method"]][task].append(top / len(rows))
             gold[task].update({str(x["id"]): str(x["gold"]) for x in rows})
     tasks = in_order({t for m in shares.values() for t in m}, order)
@@ -434,7 +435,73 @@ def answer_share_table(runs: list[Run], order: list[str], labels: dict[str, str]
         rows.append(cells)
     top_gold = [Counter(gold[t].values()).most_common(1)[0][1] / len(gold[t]) for t in tasks]
     rows.append(["_Gold answers_", "–"] + [f"{100 * s:.1f}" for s in top_gold])
-    note = ("Share (%) of a set's test examples given the run's most frequent extracted answer, mean over the runs "
+    scored = any(r.metrics.get("main_metric") in ("acc", "acc_norm") for r in runs)
+    what = "answer (the option its main metric picks)" if scored else "extracted answer"
+    note = (f"Share (%) of a set's test examples given the run's most frequent {what}, mean over the runs "
             "with predictions; the gold row is the most frequent gold answer's share (the majority-answer accuracy). "
             "100 = the same answer for every question.")  # fmt: skip
     return Table("Most frequent answer's share", ["Method", "Runs"] + [labels.get(t, t) for t in tasks], rows, note)
+
+
+def _example_scores(run: Run, key: str) -> dict[str, float]:
+    """{example id: 1.0 / 0.0} from a run's predictions.jsonl, by the field that says whether `key` was right."""
+    p = run.dir / "predictions.jsonl"
+    if not p.exists():
+        return {}
+    field_ = {"accuracy": "correct"}.get(key, key)
+    out = {}
+    for line in p.read_text().splitlines():
+        row = json.loads(line)
+        if field_ in row:
+            out[str(row["id"])] = float(row[field_])
+    return out
+
+
+def sign_flip_p(d: np.ndarray, draws: int = 20000, seed: int = 0) -> float:
+    """Two-sided paired permutation test of mean(d) = 0: random sign flips of the paired differences (fixed seed, so
+    the table regenerates byte for byte); the observed mean counts as one draw."""
+    if not len(d) or np.allclose(d, 0):
+        return 1.0
+    rng = np.random.default_rng(seed)
+    obs = abs(d.mean())
+    flips = rng.choice([-1.0, 1.0], size=(draws, len(d)))
+    null = np.abs((flips * d).mean(axis=1))
+    return float((1 + (null >= obs - 1e-12).sum()) / (draws + 1))
+
+
+def vs_zero_shot_table(runs: list[Run], title: str) -> Table | None:
+    """Does fine-tuning beat the untrained model? Per method: the 8-set average (mean ± std over seeds) against the
+    zero-shot row's, with two tests: over seeds (one-sample t-test of the per-seed averages against zero-shot's one
+    evaluation) and over examples (sign-flip permutation test on each test example's correctness averaged over seeds
+    minus zero-shot's, all sets pooled)."""
+    whole = {r.dir: r for r in runs}
+    zs = [r for r in whole.values() if r.metrics.get("method") == "none"]
+    if not zs:
+        return None
+    main = zs[0].metrics.get("main_metric", "accuracy")
+    zs_avg = zs[0].metrics["eval"].get(main)
+    zs_ex = _example_scores(zs[0], main)
+    by_method: dict[str, list[Run]] = defaultdict(list)
+    for r in sorted(whole.values(), key=lambda r: str(r.dir)):
+        if r.metrics.get("method") != "none" and r.metrics.get("eval", {}).get(main) is not None:
+            by_method[r.metrics["method"]].append(r)
+    rows = []
+    for m in in_order(by_method, METHOD_ORDER):
+        rs = by_method[m]
+        vals = np.array([r.metrics["eval"][main] for r in rs], dtype=float)
+        p_seed = (
+            float(stats.ttest_1samp(vals, zs_avg).pvalue) if len(vals) > 1 and not np.allclose(vals, vals[0]) else None
+        )
+        per = [_example_scores(r, main) for r in rs]
+        ids = sorted(set(zs_ex).intersection(*map(set, per))) if per else []
+        d = np.array([np.mean([p[i] for p in per]) - zs_ex[i] for i in ids], dtype=float)
+        rows.append([label(m), str(len(rs)), _fmt(list(vals)), f"{100 * zs_avg:.2f}", f"{100 * (vals.mean() - zs_avg):+.2f}",
+                     "–" if p_seed is None else f"{p_seed:.3f}", f"{sign_flip_p(d):.4f}" if len(ids) else "–", str(len(ids))])  # fmt: skip
+    note = (
+        f"{main} x100, the average over the sets. p (seeds): one-sample t-test of the seeds' averages against the "
+        "zero-shot value. p (examples): two-sided sign-flip permutation test (20,000 draws, seed 0) of each test "
+        "example's correctness averaged over the seeds minus zero-shot's, over the n examples every run scored."
+    )
+    return Table(
+        title, ["Method", "Seeds", "Avg", "Zero-shot", "Δ (x100)", "p (seeds)", "p (examples)", "n"], rows, note
+    )
