@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from talklora_exp.routing import RoutingRecorder, aggregate, balance_stats, summarize
-from talklora_exp.tuners.mixture import RoutingProbe
+from talklora_exp.tuners.mixture import Routed
 
 
 def test_uniform_load():
@@ -43,13 +43,13 @@ def test_summarize_and_aggregate():
     assert agg["sensitivity"] == pytest.approx(0.3)
 
 
-class FixedRouter(nn.Module):
+class FixedRouter(nn.Module, Routed):
     """Stand-in layer whose routing is a fixed distribution: sensitivity must be exactly 0."""
 
     def __init__(self, g):
         super().__init__()
         self.g = torch.tensor(g)
-        self.probe = RoutingProbe()
+        self.init_taps()
 
     def probs(self, x):
         return self.g.expand(*x.shape[:-1], -1)
@@ -62,9 +62,9 @@ def test_recorder_skips_padding_and_constant_router_has_zero_sensitivity():
     g = lyr.probs(x).clone()
     g[1, 2] = torch.tensor([0.0, 0.0, 1.0])  # a padding token that must not count
     rec.set_mask(torch.tensor([[1, 1, 1], [1, 1, 0]]))
-    lyr.probe(g, x)  # not active yet: not recorded
+    lyr.route(g, x)  # not active yet: not recorded
     rec.start()
-    lyr.probe(g, x)  # what a layer's forward does
+    lyr.route(g, x)  # what a layer's forward does
     out = rec.stop()["layers"]["fixed"]
     assert out["tokens"] == 5 and out["load"] == pytest.approx([0.7, 0.2, 0.1])
     assert out["sensitivity"] == pytest.approx(0.0)
@@ -84,8 +84,8 @@ def test_recorder_counts_a_beam_searched_prompt_once_and_skips_decode_steps():
         rec = RoutingRecorder({"fixed": lyr})
         rec.set_mask(mask)
         rec.start()
-        lyr.probe(g.repeat_interleave(n_beams, 0), x.repeat_interleave(n_beams, 0))
-        lyr.probe(lyr.probs(x[:, :1]).repeat_interleave(n_beams, 0), x[:, :1].repeat_interleave(n_beams, 0))
+        lyr.route(g.repeat_interleave(n_beams, 0), x.repeat_interleave(n_beams, 0))
+        lyr.route(lyr.probs(x[:, :1]).repeat_interleave(n_beams, 0), x[:, :1].repeat_interleave(n_beams, 0))
         stats.append(rec.stop()["layers"]["fixed"])
     assert stats[1]["tokens"] == stats[0]["tokens"] == 5
     assert stats[1]["load"] == pytest.approx(stats[0]["load"])

@@ -72,3 +72,63 @@ def test_gradient_checkpointing_matches_plain_backward(name):
     assert grads[0].keys() == grads[1].keys() and grads[0]
     for n in grads[0]:
         torch.testing.assert_close(grads[0][n], grads[1][n], rtol=1e-5, atol=1e-7)
+
+
+ROUTED = [m for m in ADAPTERS if build_method(method_config(_method_dict := {"name": m, "rank": 8})).routed]
+
+
+@pytest.mark.parametrize("name", ROUTED)
+def test_checkpointing_observes_routing_once_and_keeps_nothing_past_the_step(name):
+    """Gradient checkpointing recomputes each block's forward inside backward. The routing taps are not called then:
+    training routing statistics (token counts and sensitivity, whose noise stream a recompute would consume), the
+    balance loss and every gradient (balance term included, dropout on) equal the run without checkpointing, and no
+    balance-loss term is held after the step."""
+    from talklora_exp.methods.base import RoutedHooks
+    from talklora_exp.tuners.mixture import mixture_layers
+
+    out = []
+    for ckpt in (False, True):
+        method = _method(name, dropout=0.1, balance_loss=0.05)
+        model = method.inject(tiny_llama(), TARGETS, [], "causal")
+        with torch.no_grad():
+            g = torch.Generator().manual_seed(1)
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+        if ckpt:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.config.use_cache = False
+        hooks = method.hooks(model)
+        assert isinstance(hooks, RoutedHooks)
+        model.train()
+        batch = _batch()
+        batch["attention_mask"][1, -3:] = 0  # padding the statistics must skip
+        hooks.set_batch(batch)
+        hooks.routing.start()
+        torch.manual_seed(5)  # the dropout draws
+        loss = model(**batch).loss
+        aux = hooks.aux_loss()
+        assert aux is not None and hooks.pending() == 0
+        (loss + aux).backward()
+        stats = hooks.routing.stop()
+        assert hooks.pending() == 0  # the recompute added no terms
+        layer_taps = {len(lyr.taps) for lyr in mixture_layers(model).values()}
+        assert layer_taps == {2}  # the recorder's and the balance loss's, once each
+        out.append(
+            (
+                loss.item(),
+                aux.item(),
+                stats,
+                {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None},
+            )
+        )
+    (l0, a0, s0, g0), (l1, a1, s1, g1) = out
+    assert l0 == pytest.approx(l1, rel=1e-6) and a0 == pytest.approx(a1, rel=1e-6)
+    assert s0["layers"].keys() == s1["layers"].keys()
+    for k in s0["layers"]:
+        assert s0["layers"][k]["tokens"] == s1["layers"][k]["tokens"] == 21
+        for stat in ("sensitivity", "load_entropy", "token_entropy"):
+            assert s0["layers"][k][stat] == pytest.approx(s1["layers"][k][stat], rel=1e-5)
+    assert g0.keys() == g1.keys() and g0
+    for n in g0:
+        torch.testing.assert_close(g0[n], g1[n], rtol=1e-5, atol=1e-7)

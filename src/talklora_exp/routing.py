@@ -52,8 +52,9 @@ def aggregate(per_layer: dict[str, dict[str, Any]]) -> dict[str, float | None]:
 class RoutingRecorder:
     """Accumulates routing sums per layer while active; `stop()` returns per-layer and aggregated statistics.
 
-    `layers` maps a name to a routed layer (an experts module: `probs(x)`, and a `probe` submodule called as
-    `probe(g, x)` in its forward). The recorder owns the forward hooks it puts on the probes."""
+    `layers` maps a name to a routed layer (an experts module, `tuners.mixture.Routed`: `probs(x)`, and `taps` it
+    calls with (layer, x, g) in its forward, never on a checkpoint recompute). The recorder adds one tap per layer
+    and removes them with `remove()`."""
 
     def __init__(self, layers: dict[str, Any], sensitivity_eps: float = 1e-2, seed: int = 0):
         self.layers = layers
@@ -63,17 +64,22 @@ class RoutingRecorder:
         self.mask: torch.Tensor | None = None
         self.acc: dict[str, dict[str, Any]] = {}
         self._gen: torch.Generator | None = None
-        self.handles = [
-            lyr.probe.register_forward_hook(
-                lambda probe, args, g, name=name, lyr=lyr: self.observe(name, lyr, args[1], g) if self.active else None
-            )
-            for name, lyr in layers.items()
-        ]
+        self.taps = {name: self._tap(name) for name in layers}
+        for name, lyr in layers.items():
+            lyr.taps.append(self.taps[name])
+
+    def _tap(self, name: str) -> Any:
+        def tap(layer: Any, x: torch.Tensor, g: torch.Tensor) -> None:
+            if self.active:
+                self.observe(name, layer, x, g)
+
+        return tap
 
     def remove(self) -> None:
         """Detach from the layers."""
-        for h in self.handles:
-            h.remove()
+        for name, lyr in self.layers.items():
+            if self.taps[name] in lyr.taps:
+                lyr.taps.remove(self.taps[name])
 
     def set_mask(self, mask: torch.Tensor | None) -> None:
         self.mask = mask

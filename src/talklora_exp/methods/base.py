@@ -78,8 +78,10 @@ def switch_balance_loss(g: torch.Tensor, recorder: Any = None) -> torch.Tensor:
 
 
 class RoutedHooks(TrainHooks):
-    """For the mixtures: routing statistics over non-padding tokens, and the optional balance loss. Both attach by
-    forward hooks on each layer's routing probe; the layers hold no reference to either."""
+    """For the mixtures: routing statistics over non-padding tokens, and the optional balance loss. Both read the
+    gates through each layer's routing taps (`tuners.mixture.Routed`), which a gradient-checkpoint recompute never
+    calls: the balance-loss terms are exactly this micro-batch's forward's, and `aux_loss` hands them over (the step's
+    backward frees their graphs), so no routing tensor outlives the step."""
 
     def __init__(self, layers: dict[str, nn.Module], balance_weight: float):
         from ..routing import RoutingRecorder
@@ -90,21 +92,27 @@ class RoutedHooks(TrainHooks):
         self._terms: list[torch.Tensor] = []
         if balance_weight > 0:
             for lyr in layers.values():
-                lyr.probe.register_forward_hook(self._collect)
+                lyr.taps.append(self._collect)
 
-    def _collect(self, probe: nn.Module, args: tuple, g: torch.Tensor) -> None:
-        if probe.training:
-            self._terms.append(switch_balance_loss(g, self.routing))
+    def _collect(self, layer: nn.Module, x: torch.Tensor, g: torch.Tensor) -> None:
+        # The gates only: the loss is formed in aux_loss, outside any checkpointed block (work done here would be
+        # saved for backward in the forward but not in the recompute, which checkpointing refuses).
+        if layer.training:
+            self._terms.append(g)
+
+    def pending(self) -> int:
+        """Gates held for the balance loss (0 after `aux_loss`: nothing kept past the step)."""
+        return len(self._terms)
 
     def set_batch(self, batch: dict) -> None:
         self.routing.set_mask(batch.get("attention_mask"))
-        self._terms = []  # a checkpointed backward reruns forwards: only this batch's own forward counts
+        self._terms = []  # gates of a forward whose loss was never taken (an evaluation) are dropped
 
     def aux_loss(self) -> torch.Tensor | None:
-        terms, self._terms = self._terms, []
-        if self.balance_weight <= 0 or not terms:
+        gates, self._terms = self._terms, []
+        if self.balance_weight <= 0 or not gates:
             return None
-        return self.balance_weight * torch.stack(terms).mean()
+        return self.balance_weight * torch.stack([switch_balance_loss(g, self.routing) for g in gates]).mean()
 
 
 def _is_head_param(name: str) -> bool:

@@ -1,5 +1,5 @@
 """What the mixture tuners (TalkLoRA, MoELoRA, TeamLoRA) share as peft tuners: the layer that holds one mixture of
-experts per adapter name, the tuner that injects it, and the probe routing statistics hook into.
+experts per adapter name, the tuner that injects it, and the routing taps that statistics and the balance loss read.
 
 A method supplies an experts module (its parameters and its math: `forward(x)` gives the update, `probs(x)` the
 dropout-free routing) and a config; peft's BaseTuner/BaseTunerLayer do matching, injection, trainable marking,
@@ -33,11 +33,28 @@ def proj_type(path: str) -> str:
     return re.sub(r"\.\d+\.", ".*.", path)
 
 
-class RoutingProbe(nn.Module):
-    """An identity on the gates that forward hooks attach to: `probe(g, x)` returns `g`. Routing statistics and the
-    balance loss register hooks here, so the layer knows nothing about who watches it."""
+def recomputing() -> bool:
+    """True inside autograd's backward: a gradient-checkpointed block's forward being recomputed (both of torch's
+    checkpoint modes recompute from within the backward's graph task). Routing is observed once per forward, so a
+    recompute neither counts tokens twice, nor consumes the sensitivity statistic's random draws, nor adds
+    balance-loss terms that would outlive the step."""
+    return torch._C._current_graph_task_id() != -1
 
-    def forward(self, g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+
+class Routed:
+    """What an experts module shares: `taps`, the callables `tap(layer, x, g)` that see its routing probabilities `g`
+    (before gate dropout) for input `x` on each forward. Statistics (`routing.RoutingRecorder`) and the balance loss
+    (`methods.base.RoutedHooks`) add and remove theirs explicitly; the layer calls them from `route`, never on a
+    checkpoint recompute. A plain list, not module state: nothing of it is saved, moved or sharded."""
+
+    def init_taps(self) -> None:
+        object.__setattr__(self, "taps", [])
+
+    def route(self, g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        taps = self.__dict__.get("taps")
+        if taps and not recomputing():
+            for tap in taps:
+                tap(self, x, g)
         return g
 
 

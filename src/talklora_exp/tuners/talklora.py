@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from peft.config import PeftConfig
 from torch import nn
 
-from .mixture import MixtureLayer, MixtureTuner, RoutingProbe, adapter_dtype_for, kaiming, proj_type
+from .mixture import MixtureLayer, MixtureTuner, Routed, adapter_dtype_for, kaiming, proj_type
 
 TALK_MODES = ("learned", "identity", "off")
 ROUTER_INPUTS = ("x", "h", "talked")
@@ -99,7 +99,7 @@ def check_mixture_fields(c: Any) -> None:
         raise ValueError(f"balance_loss={c.balance_loss}; allowed: a number >= 0")
 
 
-class TalkLoRAExperts(nn.Module):
+class TalkLoRAExperts(nn.Module, Routed):
     """One layer's mixture of low-rank experts (TalkLoRA, or MoELoRA with communication off): the update only."""
 
     def __init__(self, d_in: int, d_out: int, c: TalkLoRAConfig, device: Any = None, dtype: Any = None,
@@ -130,7 +130,7 @@ class TalkLoRAExperts(nn.Module):
             self.B = nn.Parameter(torch.zeros(d_out, rank, **kw))
         object.__setattr__(self, "_shared_b", shared_b)
         self.shared_key = shared_key
-        self.probe = RoutingProbe()
+        self.init_taps()
 
     def b_weight(self) -> torch.Tensor:
         """[B_1 .. B_E]: this layer's own, or its projection type's shared one."""
@@ -167,7 +167,7 @@ class TalkLoRAExperts(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xa = x.to(self.A.dtype)
         h = F.linear(self.dropout(xa), self.A)  # (..., r): one matmul for all experts
-        g = self.probe(self.gate(xa, h), xa)  # (..., E)
+        g = self.route(self.gate(xa, h), xa)  # (..., E); routing taps see it (not on a checkpoint recompute)
         g = self.dropout(g)
         gh = (h.unflatten(-1, (self.E, self.k)) * g.unsqueeze(-1)).flatten(-2)  # g_i h_i for every expert
         y = F.linear(gh, self.up_weight())  # sum_i B_i M_i (g_i h_i) = sum_i g_i y_i, one matmul

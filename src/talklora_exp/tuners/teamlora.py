@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from peft.config import PeftConfig
 from torch import nn
 
-from .mixture import MixtureLayer, MixtureTuner, RoutingProbe, kaiming
+from .mixture import MixtureLayer, MixtureTuner, Routed, kaiming
 from .talklora import check_mixture_fields
 
 
@@ -48,7 +48,7 @@ class TeamLoRAConfig(PeftConfig):
             raise ValueError(f"alpha={self.alpha}; allowed: a positive number")
 
 
-class TeamLoRAExperts(nn.Module):
+class TeamLoRAExperts(nn.Module, Routed):
     def __init__(self, d_in: int, d_out: int, c: TeamLoRAConfig, device: Any = None, dtype: Any = None):
         super().__init__()
         rank, E = c.r, c.num_experts
@@ -64,7 +64,7 @@ class TeamLoRAExperts(nn.Module):
         wi = torch.empty(E, E, **kw).uniform_(-0.1, 0.1)
         wi.fill_diagonal_(1.0)
         self.interaction = nn.Parameter(wi)
-        self.probe = RoutingProbe()
+        self.init_taps()
 
     def probs(self, x: torch.Tensor) -> torch.Tensor:
         """The team gates p~ (dropout-free), also what routing statistics see."""
@@ -75,7 +75,7 @@ class TeamLoRAExperts(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xa = x.to(self.A.dtype)
         u = self.dropout(self.s * F.linear(xa, self.A))
-        g = self.probe(self.probs(xa), xa)
+        g = self.route(self.probs(xa), xa)
         gu = (u.unflatten(-1, (self.E, self.k)) * g.unsqueeze(-1)).flatten(-2)
         y = F.linear(gu, self.B)
         return y * self.times if self.times != 1.0 else y
