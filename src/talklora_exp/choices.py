@@ -17,3 +17,4 @@ ANSWER_FORMATS = ("label", "text")  # task.answer_format (generation multiple-ch
 PROMPT_STYLES = ("alpaca", "lm_eval")  # task.prompt_style
 SCORINGS = ("generate", "options", "both")  # eval.scoring
 OPTION_METRICS = ("acc", "acc_norm")  # what eval.scoring=options reports (lm-eval's names)
+STRATEGIES = ("ddp", "fsdp", "zero2", "zero3")  # trainer.strategy (ddp: accelerate's default with several processes)

@@ -21,6 +21,7 @@ from .errors import UserError
 # Everything else is part of the run's identity. A key moved here later stops counting for runs recorded with it too.
 NOT_RESULTS = (
     "trainer.progress",
+    "trainer.strategy",  # an engine computes what one process computes (tests/test_engines.py)
     "trainer.resume",
     "trainer.checkpoint_every",
     "trainer.num_workers",

@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 
 from . import budget as budget_mod
 from . import checkpoint as ckpt
+from . import engines
 from .errors import UserError
 from .identity import IDENTITY_FILE, identity, mismatch_error, read_identity, same_config
 from .methods import build_method, find_target_layers, method_config
@@ -235,8 +236,9 @@ def _run_locked(
         raise
     acc.wait_for_everyone()
     metrics = _completed_record(base, result, resume_state, b.task, mp, acc, time.time() - t_start)
+    state = engines.full_state_dict(b.model)  # a sharded model's whole weights, gathered by every process
     if main:
-        _write_results(run_dir, b, acc, result, metrics)
+        _write_results(run_dir, b, acc, result, metrics, state)
     logger.finish({"eval": result.report})
     return metrics
 
@@ -369,9 +371,12 @@ def _base_record(
     return base
 
 
-def _write_results(run_dir: Path, b: Built, acc: Accelerator, result: Any, metrics: RunRecord) -> None:
-    """The adapter, predictions and routing, then metrics.json last: its presence with "completed" means done."""
-    b.method.save(acc.unwrap_model(b.model), run_dir / "adapter")
+def _write_results(
+    run_dir: Path, b: Built, acc: Accelerator, result: Any, metrics: RunRecord, state: dict | None = None
+) -> None:
+    """The adapter, predictions and routing, then metrics.json last: its presence with "completed" means done.
+    `state`: the whole state dict of a sharded model (peft saves the adapter's part of it)."""
+    b.method.save(acc.unwrap_model(b.model), run_dir / "adapter", state_dict=state)
     if result.predictions:
         rows = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in result.predictions)
         atomic_write_text(run_dir / "predictions.jsonl", rows)

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from . import checkpoint as ckpt
+from . import engines
 from .choices import MIXED_PRECISION, SELECT_METRICS, SELECT_PROTOCOLS
 from .errors import UserError
 from .methods.base import TrainHooks
@@ -198,6 +199,10 @@ class Trainer:
         def eval_loader(split: Any) -> DataLoader:
             return DataLoader(split, batch_size=int(tcfg.eval_batch_size), shuffle=False, collate_fn=collate)
 
+        # The engine first (FSDP shards the model in place), then the optimizer over the parameters as they now are.
+        strategy = str(tcfg.get("strategy", "ddp"))
+        engines.check_strategy(strategy, accelerator.num_processes)
+        self.sharded = engines.shard(model, strategy, accelerator.num_processes)
         trainable = [p for p in model.parameters() if p.requires_grad]
         decay = [p for p in trainable if p.ndim >= 2]
         no_decay = [p for p in trainable if p.ndim < 2]
@@ -205,7 +210,11 @@ class Trainer:
             [{"params": decay, "weight_decay": float(tcfg.weight_decay)}, {"params": no_decay, "weight_decay": 0.0}],
             lr=float(tcfg.lr),
         )
-        self.model, self.opt, self.train_dl = accelerator.prepare(model, opt, train_dl)
+        if self.sharded:  # FSDP reduces the gradients itself: accelerate must not wrap the model in DDP too
+            self.opt, self.train_dl = accelerator.prepare(opt, train_dl)
+            self.model = model
+        else:
+            self.model, self.opt, self.train_dl = accelerator.prepare(model, opt, train_dl)
         self.eval_dls = {k: accelerator.prepare(eval_loader(v)) for k, v in data.evals.items()}
         self.val_dl = accelerator.prepare(eval_loader(data.val)) if data.val is not None else None
         self.val_eval_dls = {k: accelerator.prepare(eval_loader(v)) for k, v in (data.val_evals or {}).items()}
@@ -263,12 +272,12 @@ class Trainer:
         return out
 
     def _snapshot(self) -> dict[str, torch.Tensor]:
-        return {str(i): p.detach().cpu().clone() for i, p in enumerate(self.trainable)}
+        """Whole tensors (gathered when sharded: every process calls this), so a checkpoint can carry them."""
+        return {str(i): engines.full(p.detach()).cpu().clone() for i, p in enumerate(self.trainable)}
 
     def _restore(self, snap: dict[str, torch.Tensor]) -> None:
-        with torch.no_grad():
-            for i, p in enumerate(self.trainable):
-                p.copy_(snap[str(i)].to(p.device, p.dtype))
+        for i, p in enumerate(self.trainable):
+            engines.load_full(p, snap[str(i)])
 
     def _eval_step(self, v: LoopState, step: int) -> None:
         rec: dict[str, Any] = {"step": step, "epoch": v.epoch}
@@ -300,8 +309,9 @@ class Trainer:
         Each process keeps its own RNG state (`rng_per_process`): ranks see batches of different lengths, so their
         dropout draws, and hence their generators, drift apart."""
         return {
-            "trainable": [p.detach().cpu().clone() for p in self.trainable],
-            "optimizer": self.opt.state_dict(),
+            "trainable": [engines.full(p.detach()).cpu().clone() for p in self.trainable],
+            "optimizer": engines.optimizer_state(self.model, self.opt, self.sharded),
+            "sharded": self.sharded,  # the optimizer state's layout: by parameter name (FSDP) or by index
             "scheduler": self.sched.state_dict(),
             "rng_per_process": rngs,
             "loop": v.state_dict(),
@@ -313,8 +323,8 @@ class Trainer:
         `max_norm` when set). Logged: it is the check that accumulation and multi-process averaging give the gradient
         of the full batch, which the loss and the weights after AdamW (invariant to the gradient's scale) cannot show."""
         if max_norm:
-            return self.acc.clip_grad_norm_(self.trainable, float(max_norm)).detach()
-        grads = [p.grad.detach().norm() for p in self.trainable if p.grad is not None]
+            return engines.full(self.acc.clip_grad_norm_(self.trainable, float(max_norm)).detach())
+        grads = [engines.full(p.grad.detach().norm()) for p in self.trainable if p.grad is not None]
         return torch.linalg.vector_norm(torch.stack(grads)) if grads else torch.zeros(())
 
     def _check_finite(self, run_loss: torch.Tensor, step: int) -> None:
@@ -376,10 +386,13 @@ class Trainer:
             raise UserError(f"checkpoint: its {len(saved)} trainable tensors do not fit this model's "
                             f"{len(self.trainable)} (written by another version of the code?); rerun without "
                             "trainer.resume=auto, or with overwrite=true")  # fmt: skip
-        with torch.no_grad():
-            for p, t in zip(self.trainable, resume["trainable"]):
-                p.copy_(t.to(p.device, p.dtype))
-        self.opt.load_state_dict(resume["optimizer"])
+        if bool(resume.get("sharded", False)) != self.sharded:
+            raise UserError(f"checkpoint: written {'with' if resume.get('sharded') else 'without'} FSDP sharding, "
+                            f"resumed {'with' if self.sharded else 'without'}; resume with the trainer.strategy and "
+                            "process count it was written with")  # fmt: skip
+        for p, t in zip(self.trainable, resume["trainable"]):
+            engines.load_full(p, t)
+        engines.load_optimizer_state(self.model, self.opt, resume["optimizer"], self.sharded)
         self.sched.load_state_dict(resume["scheduler"])
         v.load_state_dict(resume["loop"])
         acc = self.acc
@@ -476,8 +489,9 @@ class Trainer:
     def _save_checkpoint(self, v: LoopState, step: int) -> None:
         acc = self.acc
         rngs = gather_object([ckpt.rng_state()]) if acc.num_processes > 1 else [ckpt.rng_state()]
+        state = self._state(v, rngs)  # every process: gathering sharded tensors is a collective
         if acc.is_main_process:
-            ckpt.save(self.ckpt_root, step, self._state(v, rngs))
+            ckpt.save(self.ckpt_root, step, state)
         acc.wait_for_everyone()
 
     def _finish(self, v: LoopState) -> FitResult:

@@ -46,6 +46,7 @@ RULES: dict[str, tuple[str, Any]] = {
     "trainer.select_metric": ("choice", C.SELECT_METRICS),
     "trainer.dev_curve": ("bool", None),
     "trainer.gradient_checkpointing": ("bool", None),
+    "trainer.strategy": ("choice", C.STRATEGIES),
     "model.max_length": ("int", (1, None)),
     "model.dtype": ("choice", C.MODEL_DTYPES),
     "model.pooling": ("choice", C.POOLING),

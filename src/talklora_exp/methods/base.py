@@ -170,8 +170,10 @@ class Method:
         """Trainable parameters that are not task heads (the budget counts these)."""
         return [n for n, p in model.named_parameters() if p.requires_grad and not _is_head_param(n)]
 
-    def save(self, model: nn.Module, out_dir: Path) -> None:
-        model.save_pretrained(str(out_dir))  # adapter_model.safetensors + adapter_config.json (peft format)
+    def save(self, model: nn.Module, out_dir: Path, state_dict: dict | None = None) -> None:
+        """peft's format (adapter_model.safetensors + adapter_config.json); `state_dict`: the whole model's, gathered,
+        when the model is sharded (its own parameters then hold only this process's shard)."""
+        model.save_pretrained(str(out_dir), **({"state_dict": state_dict} if state_dict is not None else {}))
 
     def load(self, model: nn.Module, in_dir: Path) -> nn.Module:
         """peft's loader, made strict: every saved tensor must fit, and every trainable tensor must be saved."""

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from .. import engines
 from ..data import describe_search, find_local, iter_lines
 from ..errors import UserError
 from . import options as opt
@@ -335,8 +336,8 @@ class GenerationTask(Task):
                         labels = r["option_labels"]
                         row.update(ll=scores, ll_pick=labels[a], ll_pick_norm=labels[n],
                                    acc=a == r["gold_index"], acc_norm=n == r["gold_index"])  # fmt: skip
-                rows += out
-            rows = accelerator.gather_for_metrics(rows, use_gather_object=True)
+                # per batch, while the loader still knows how many of its last batch's rows are padding repeats
+                rows += accelerator.gather_for_metrics(out, use_gather_object=True)
             n = max(len(rows), 1)
             if do_gen:
                 metrics[f"{prefix}accuracy"] = sum(r["correct"] for r in rows) / n
@@ -363,7 +364,10 @@ class GenerationTask(Task):
         enc = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
         if on_batch is not None:
             on_batch({"attention_mask": enc["attention_mask"]})
-        out = accelerator.unwrap_model(model).generate(**enc, **kw)
+        gen_model = accelerator.unwrap_model(model)
+        if accelerator.num_processes > 1 and any(engines.is_sharded(p) for p in gen_model.parameters()):
+            kw["synced_gpus"] = True  # sharded weights: every process runs each decode step, or the gathers hang
+        out = gen_model.generate(**enc, **kw)
         raw = tok.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=False)
         return [cut_generation(t, tok.eos_token, tok.pad_token, list(g.get("cut_at") or [])) for t in raw]
 
