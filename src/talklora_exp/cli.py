@@ -145,7 +145,9 @@ def check_dir_names(argv: list[str]) -> str | None:
             except Exception:  # a glob or an interval: its values are config-group names or numbers, short
                 vals = [""]
             items.append(f"{o.get_key_element()}={max(vals, key=len)}")
-    if not any(a in ("-m", "--multirun") for a in argv) or any(o.key_or_group == "hydra.sweep.subdir" for o in overrides):
+    if not any(a in ("-m", "--multirun") for a in argv) or any(
+        o.key_or_group == "hydra.sweep.subdir" for o in overrides
+    ):
         items = []  # a single run's dir is hydra.run.dir; a given sweep subdir replaces the overrides' joined name
     longest = max((len(p.encode()) for p in ",".join(sorted(items)).split("/")), default=0)
     if longest > NAME_MAX:
