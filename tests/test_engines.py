@@ -186,3 +186,47 @@ def test_fsdp_run_killed_after_a_checkpoint_resumes_to_the_uninterrupted_result(
     assert _steps(tmp_path / "run") == _steps(tmp_path / "ref")
     a, b = _adapter(tmp_path / "ref"), _adapter(tmp_path / "run")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# --- QLoRA: the mixtures on a bitsandbytes 4-bit base ------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["talklora", "teamlora"])
+def test_qlora_nf4_trains_saves_and_reloads(tmp_path: Path, shared_data: Path, method: str):
+    """SmolLM2 with model.quantization=nf4: every adapted projection wraps a bitsandbytes Linear4bit, the adapters are
+    fp32 and train (finite, moving loss), the adapter saves, and `evaluate` rebuilds the quantized base, reloads it and
+    reproduces the run's numbers."""
+    import bitsandbytes as bnb  # installed by make setup (the engines extra)
+
+    from talklora_exp.evaluate import evaluate_run
+    from talklora_exp.run import build, run
+
+    over = ["model=smollm2-135m", "model.quantization=nf4", f"method={method}", "task=commonsense/boolq",
+            f"paths.data_dir={shared_data}", "eval=options", "task.answer_format=text", "task.prompt_style=lm_eval",
+            "task.main_metric=acc_norm", "trainer.max_steps=3", "trainer.batch_size=2", "trainer.grad_accum=1",
+            "trainer.max_train_samples=12", "trainer.max_eval_samples=4", "task.val_size=2", "trainer.lr=1e-3",
+            "trainer.progress=false", "trainer.log_every=1"]  # fmt: skip
+    b = build(compose_cfg(over))
+    wrapped = [m for n, m in b.model.named_modules() if n.endswith("q_proj") and hasattr(m, "base_layer")]
+    assert wrapped and all(isinstance(m.base_layer, bnb.nn.Linear4bit) for m in wrapped)
+    assert all(p.dtype == torch.float32 for n, p in b.model.named_parameters() if p.requires_grad)
+    m = run(compose_cfg(over), tmp_path / "q")
+    losses = [r["loss"] for r in _log(tmp_path / "q") if "loss" in r]
+    assert m["status"] == "completed" and len(losses) == 3 and all(map(lambda x: x == x and x < 50, losses))
+    assert (tmp_path / "q" / "adapter" / "adapter_model.safetensors").exists()
+    again, _ = evaluate_run(tmp_path / "q")
+    assert again == pytest.approx(m["eval"])
+
+
+def test_a_base_layer_the_mixtures_cannot_wrap_is_refused_in_one_line():
+    from transformers.pytorch_utils import Conv1D
+
+    from talklora_exp.errors import UserError
+    from talklora_exp.methods import build_method, method_config
+
+    model = torch.nn.Sequential()
+    model.add_module("c_attn", Conv1D(8, 4))
+    method = build_method(method_config({"name": "talklora", "rank": 4, "num_experts": 2}))
+    with pytest.raises(UserError, match=r"are transformers.pytorch_utils.Conv1D layers, not nn.Linear"):
+        method.inject(model, ["c_attn"], [], "other")

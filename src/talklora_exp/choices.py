@@ -18,3 +18,4 @@ PROMPT_STYLES = ("alpaca", "lm_eval")  # task.prompt_style
 SCORINGS = ("generate", "options", "both")  # eval.scoring
 OPTION_METRICS = ("acc", "acc_norm")  # what eval.scoring=options reports (lm-eval's names)
 STRATEGIES = ("ddp", "fsdp", "zero2", "zero3")  # trainer.strategy (ddp: accelerate's default with several processes)
+QUANTIZATIONS = (None, "nf4", "int8")  # model.quantization (bitsandbytes; causal LMs)

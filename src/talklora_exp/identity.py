@@ -48,6 +48,7 @@ ADDED_WITH_DEFAULT: dict[str, Any] = {
     "task.answer_format": "label",
     "task.prompt_style": "alpaca",
     "eval.scoring": "generate",
+    "model.quantization": None,
 }
 # Code fixes that change what some configs compute. A config a fix applies to carries `fix.<name>: true` in its
 # identity, so runs made before the fix never match it again: a sweep stops on them (naming the fix) instead of

@@ -218,9 +218,15 @@ def load_model(
     hf_logging.set_verbosity_error()  # "newly initialised classifier" warnings are expected
     dtype = base_dtype(str(mcfg.get("dtype", "auto")), cpu)
     if mcfg.get("shape_only"):
+        if mcfg.get("quantization"):
+            raise UserError(f"model.quantization={mcfg.quantization}: a shape model ({mcfg.name}) has random weights "
+                            "and nothing to quantize; use a pretrained model (e.g. model=smollm2-135m)")  # fmt: skip
         return shape_model(mcfg, tokenizer, dtype)
     path, kw = _source(mcfg, cache_root)
     if task.kind == "causal":
+        quant = mcfg.get("quantization")
+        if quant:
+            return _load_quantized(mcfg, path, kw, str(quant), dtype, tokenizer, cache_root, cpu)
         if kw.get("gguf_file"):  # dequantize in fp32 once, cache, then cast
             model = _load(AutoModelForCausalLM.from_pretrained, mcfg, path, dtype=torch.float32, **kw)
             _cache_gguf_conversion(model, tokenizer, gguf_cache_dir(mcfg, cache_root or ".cache/talklora_exp"))
@@ -233,6 +239,35 @@ def load_model(
     model = _load(AutoModelForSequenceClassification.from_pretrained, mcfg, path, dtype=dtype, **kw)
     model = apply_pooling(model, str(mcfg.get("pooling", "cls")))
     return apply_pair_encoding(model, str(mcfg.get("pair_encoding", "cross")))
+
+
+def _load_quantized(
+    mcfg: Any, path: str, kw: dict, quant: str, dtype: torch.dtype, tokenizer: Any, cache_root: Any, cpu: bool
+) -> Any:
+    """QLoRA's base (`model.quantization`): the frozen weights in bitsandbytes 4-bit NF4 (double quantization, compute
+    in the base dtype) or LLM.int8, on this process's device. A GGUF model is converted to its plain HF copy first
+    (the same conversion as every other run), then quantized from that copy."""
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise UserError(f"model.quantization={quant} needs bitsandbytes (pip install bitsandbytes)") from None
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    if kw.get("gguf_file"):
+        cached = gguf_cache_dir(mcfg, cache_root or ".cache/talklora_exp")
+        model = _load(AutoModelForCausalLM.from_pretrained, mcfg, path, dtype=torch.float32, **kw)
+        _cache_gguf_conversion(model, tokenizer, cached)
+        del model
+        path, kw = str(cached), {}
+    if quant == "nf4":
+        qc = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                bnb_4bit_compute_dtype=dtype)  # fmt: skip
+    else:
+        qc = BitsAndBytesConfig(load_in_8bit=True)
+    use_gpu = torch.cuda.is_available() and not cpu
+    device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if use_gpu else "cpu"
+    return _load(AutoModelForCausalLM.from_pretrained, mcfg, path, dtype=dtype, quantization_config=qc,
+                 device_map={"": device}, **kw)  # fmt: skip
 
 
 @contextlib.contextmanager

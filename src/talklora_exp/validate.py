@@ -52,6 +52,7 @@ RULES: dict[str, tuple[str, Any]] = {
     "model.pooling": ("choice", C.POOLING),
     "model.pair_encoding": ("choice", C.PAIR_ENCODINGS),
     "model.num_layers": ("int?", (1, None)),
+    "model.quantization": ("choice", C.QUANTIZATIONS),
     "task.val_size": ("int", (0, None)),
     "task.val_seed": ("int", (0, 2**32 - 1)),
     "task.prompt_max_length": ("int", (1, None)),

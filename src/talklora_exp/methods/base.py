@@ -47,6 +47,11 @@ def find_target_layers(model: nn.Module, targets: list[str]) -> list[TargetLayer
     linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     found = [TargetLayer(n, m.in_features, m.out_features) for n, m in linears.items() if _matches(n, list(targets))]
     if not found:
+        other = sorted({f"{type(m).__module__}.{type(m).__name__}" for n, m in model.named_modules()
+                        if n and _matches(n, list(targets)) and not list(m.children())})  # fmt: skip
+        if other:
+            raise UserError(f"model.target_modules={list(targets)} are {', '.join(other)} layers, not nn.Linear; the "
+                            "methods here adapt nn.Linear layers (bitsandbytes' Linear4bit and Linear8bitLt included)")  # fmt: skip
         names = sorted({n.rsplit(".", 1)[-1] for n in linears})
         raise UserError(
             f"model.target_modules={list(targets)} match no linear layer; this model's linear layer names: {names}"
@@ -154,7 +159,10 @@ class Method:
             raise UserError(f"method={c.name}: {e}") from None
         floor = DTYPES[c.adapter_dtype]
         # peft keeps adapters in fp32 on a half-precision base unless asked not to (adapter_dtype)
-        model = get_peft_model(model, config, autocast_adapter_dtype=floor == torch.float32)
+        try:
+            model = get_peft_model(model, config, autocast_adapter_dtype=floor == torch.float32)
+        except (TypeError, ValueError) as e:  # a base layer type the method cannot adapt (peft's or ours)
+            raise UserError(f"method={c.name}: {str(e).splitlines()[0]}") from None
         if floor != torch.float32:  # the mixtures create fp32 adapters: narrow them as asked
             for n, p in model.named_parameters():
                 if p.requires_grad and not _is_head_param(n) and p.dtype != (dt := adapter_param_dtype(p.dtype, floor)):

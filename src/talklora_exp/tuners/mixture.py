@@ -67,8 +67,9 @@ class MixtureLayer(nn.Module, BaseTunerLayer):
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: Any, **experts_kw: Any):
         super().__init__()
-        if not isinstance(base_layer, nn.Linear):
-            raise TypeError(f"{type(self).__name__} adapts nn.Linear layers only, got {type(base_layer).__name__}")
+        if not isinstance(base_layer, nn.Linear):  # bitsandbytes' Linear4bit / Linear8bitLt are nn.Linear
+            raise TypeError(f"{type(self).__name__} adapts nn.Linear layers (bitsandbytes' Linear4bit and Linear8bitLt "
+                            f"included), not {type(base_layer).__module__}.{type(base_layer).__name__}")  # fmt: skip
         self.base_layer = base_layer
         self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
         setattr(self, self.adapter_layer_names[0], nn.ModuleDict())
