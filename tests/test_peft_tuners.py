@@ -178,3 +178,43 @@ def test_every_methods_run_adapter_is_a_standard_peft_adapter(tmp_path: Path, na
     model.eval()
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=IDS).logits, model(input_ids=IDS).logits, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_adapter_names_sends_each_row_through_its_own_adapter(name: str):
+    """peft's mixed batch: rows through "default", "__base__" (no adapter) and "second" in one forward equal each
+    row run alone with that adapter active (or adapters disabled); unknown names and training mode are refused."""
+    cfg = CONFIGS[name]
+    model = get_peft_model(tiny_llama(), cfg(r=8, num_experts=4, target_modules=["q_proj", "v_proj"]))
+    model.add_adapter("second", cfg(r=4, num_experts=2, target_modules=["q_proj"]))
+    _randomized(model, 0)
+    model.eval()
+    ids = torch.cat([IDS, IDS[:1]])
+    names = ["default", "__base__", "second"]
+    with torch.no_grad():
+        mixed = model(input_ids=ids, adapter_names=names).logits
+        model.set_adapter("default")
+        a = model(input_ids=ids[:1]).logits
+        with model.disable_adapter():
+            b = model(input_ids=ids[1:2]).logits
+        model.set_adapter("second")
+        c = model(input_ids=ids[2:]).logits
+    assert not torch.allclose(a, c)  # the same tokens, another adapter: another answer
+    torch.testing.assert_close(mixed, torch.cat([a, b, c]), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="non-existing adapter"):
+        model(input_ids=ids, adapter_names=["default", "nope", "second"])
+    model.train()
+    with pytest.raises(ValueError, match="training mode"):
+        model(input_ids=ids, adapter_names=names)
+
+
+def test_set_requires_grad_covers_talkloras_shared_b():
+    """peft's set_requires_grad(name, False) freezes every tensor of that adapter, the tuner-held shared B included,
+    and True gives them all back."""
+    model = get_peft_model(tiny_llama(), TalkLoRAConfig(r=8, num_experts=4, target_modules=["q_proj", "v_proj"]))
+    shared = [n for n, _ in model.named_parameters() if "shared_B" in n]
+    assert shared
+    model.set_requires_grad("default", False)
+    assert not any(p.requires_grad for n, p in model.named_parameters() if "talklora_" in n)
+    model.set_requires_grad("default", True)
+    assert all(p.requires_grad for n, p in model.named_parameters() if n in shared or "_experts." in n)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -90,8 +92,15 @@ class MixtureLayer(nn.Module, BaseTunerLayer):
         self.set_adapter(self.active_adapters)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        adapter_names = kwargs.pop("adapter_names", None)
         result = self.base_layer(x, *args, **kwargs)
         if self.disable_adapters:
+            return result
+        if adapter_names is not None:  # peft's mixed batch: row i through adapter_names[i] ("__base__": none)
+            for name in sorted(set(adapter_names)):
+                if name in self.experts:
+                    rows = [i for i, a in enumerate(adapter_names) if a == name]
+                    result[rows] += self.experts[name](x[rows]).to(result.dtype)
             return result
         for name in self.active_adapters:  # adapters, not experts: one pass per active adapter
             if name in self.experts:
@@ -133,6 +142,36 @@ class MixtureTuner(BaseTuner):
 
     def _check_merge_allowed(self) -> None:
         raise ValueError(f"{type(self).__name__}: {MixtureLayer.merge_error}")
+
+    @contextmanager
+    def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any) -> Iterator[None]:
+        """`model(..., adapter_names=[...])` (peft's mixed batch, inference only): each row through its own adapter,
+        `__base__` through none. Beam search repeats each row's name once per beam, as peft's LoRA does."""
+        names = kwargs.pop("adapter_names", None)
+        if names is None:
+            yield
+            return
+        if self.training:
+            raise ValueError("Cannot pass `adapter_names` when the model is in training mode.")
+        known = {a for m in self.model.modules() if isinstance(m, MixtureLayer) for a in m.experts}
+        unknown = sorted({n for n in names if n != "__base__"} - known)
+        if unknown:
+            raise ValueError(f"Trying to infer with non-existing adapter(s): {', '.join(unknown)}")
+        beams = kwargs.get("num_beams")
+        if isinstance(beams, int) and beams > 1:
+            names = [n for n in names for _ in range(beams)]
+        from peft.utils.other import AuxiliaryTrainingWrapper
+
+        def pre(module: nn.Module, a: tuple, kw: dict) -> tuple[tuple, dict]:
+            return a, {**kw, "adapter_names": names}
+
+        handles = [m.register_forward_pre_hook(pre, with_kwargs=True) for m in self.model.modules()
+                   if isinstance(m, (MixtureLayer, AuxiliaryTrainingWrapper))]  # fmt: skip
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
 
 
 def mixture_layers(model: nn.Module, adapter_name: str | None = None) -> dict[str, nn.Module]:

@@ -227,6 +227,13 @@ class TalkLoRAModel(MixtureTuner):
         for a, store in self.shared_b.items():
             store.requires_grad_(a in names and not inference_mode)
 
+    def set_requires_grad(self, adapter_names: str | list[str], requires_grad: bool = True) -> None:
+        """peft's per-adapter gradient switch, the shared B included (it lives on the tuner, not in a layer)."""
+        super().set_requires_grad(adapter_names, requires_grad)
+        for a in [adapter_names] if isinstance(adapter_names, str) else adapter_names:
+            if a in self.shared_b:
+                self.shared_b[a].requires_grad_(requires_grad)
+
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)
         if adapter_name in self.shared_b:
