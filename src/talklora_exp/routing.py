@@ -53,8 +53,8 @@ class RoutingRecorder:
     """Accumulates routing sums per layer while active; `stop()` returns per-layer and aggregated statistics.
 
     `layers` maps a name to a routed layer (an experts module, `tuners.mixture.Routed`: `probs(x)`, and `taps` it
-    calls with (layer, x, g) in its forward, never on a checkpoint recompute). The recorder adds one tap per layer
-    and removes them with `remove()`."""
+    calls with (layer, x, g) in its forward, never on a checkpoint recompute). The recorder taps every layer from
+    `start()` to `stop()` and no longer."""
 
     def __init__(self, layers: dict[str, Any], sensitivity_eps: float = 1e-2, seed: int = 0):
         self.layers = layers
@@ -65,18 +65,16 @@ class RoutingRecorder:
         self.acc: dict[str, dict[str, Any]] = {}
         self._gen: torch.Generator | None = None
         self.taps = {name: self._tap(name) for name in layers}
-        for name, lyr in layers.items():
-            lyr.taps.append(self.taps[name])
 
     def _tap(self, name: str) -> Any:
         def tap(layer: Any, x: torch.Tensor, g: torch.Tensor) -> None:
-            if self.active:
-                self.observe(name, layer, x, g)
+            self.observe(name, layer, x, g)
 
         return tap
 
     def remove(self) -> None:
-        """Detach from the layers."""
+        """Detach from the layers (a layer with no tap does no routing work at all: a compiled forward stays one
+        graph)."""
         for name, lyr in self.layers.items():
             if self.taps[name] in lyr.taps:
                 lyr.taps.remove(self.taps[name])
@@ -103,10 +101,15 @@ class RoutingRecorder:
         return n // b if n > b and n % b == 0 else 1
 
     def start(self) -> None:
+        """Tap every layer until `stop()`."""
         self.active, self.acc, self._gen = True, {}, None
+        for name, lyr in self.layers.items():
+            if self.taps[name] not in lyr.taps:
+                lyr.taps.append(self.taps[name])
 
     def stop(self) -> dict[str, Any]:
         self.active = False
+        self.remove()
         per_layer = {
             name: summarize(
                 a["sum_p"].cpu().numpy(), a["top1"].cpu().numpy(), a["ent"].item(), a["sens"].item(), a["n"]

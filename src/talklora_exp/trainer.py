@@ -203,6 +203,8 @@ class Trainer:
         strategy = str(tcfg.get("strategy", "ddp"))
         engines.check_strategy(strategy, accelerator.num_processes)
         self.sharded = engines.shard(model, strategy, accelerator.num_processes)
+        if tcfg.get("compile"):  # in place (nn.Module.compile): parameter names, saving and unwrapping unchanged
+            model.compile()
         trainable = [p for p in model.parameters() if p.requires_grad]
         decay = [p for p in trainable if p.ndim >= 2]
         no_decay = [p for p in trainable if p.ndim < 2]

@@ -47,6 +47,7 @@ RULES: dict[str, tuple[str, Any]] = {
     "trainer.dev_curve": ("bool", None),
     "trainer.gradient_checkpointing": ("bool", None),
     "trainer.strategy": ("choice", C.STRATEGIES),
+    "trainer.compile": ("bool", None),
     "model.max_length": ("int", (1, None)),
     "model.dtype": ("choice", C.MODEL_DTYPES),
     "model.pooling": ("choice", C.POOLING),
