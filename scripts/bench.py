@@ -263,6 +263,65 @@ def bench_paper_shape(args, device, methods) -> dict:
             "lora_estimated_peak_gb": estimate("lora")}  # fmt: skip
 
 
+def bench_compile(base, batch, device, steps: int, warmup: int, methods: list[str], rank: int, experts: int) -> list:
+    """Compiled (nn.Module.compile, inductor) against eager per method, interleaved, and against eager peft LoRA (what
+    a user moving from LoRA to a compiled mixture pays); graph breaks of the whole compiled model's forward counted."""
+    import torch._dynamo
+
+    variants: dict[str, Stepper] = {}
+    breaks: dict[str, int] = {}
+    for m in methods:
+        variants[m] = Stepper(build(m, rank, experts, base), device, kw_autocast(device))
+        model = build(m, rank, experts, base)
+        torch._dynamo.reset()
+        breaks[m] = torch._dynamo.explain(model)(**batch).graph_break_count
+        model.compile()
+        variants[f"{m}_compiled"] = Stepper(model, device, kw_autocast(device))
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    for i in range(warmup + 1 + steps):  # one more warm-up step: the compile itself
+        for k, s in variants.items():
+            t = s.step(batch)
+            if i > warmup:
+                times[k].append(t)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    rows = []
+    for m in methods:
+        row = {"method": m, "rank": rank, "experts": typed(m, rank, experts).num_experts,
+               "compiled_vs_eager": round(med[f"{m}_compiled"] / med[m], 4),
+               "compiled_vs_eager_lora": round(med[f"{m}_compiled"] / med["lora"], 4),
+               "graph_breaks_whole_model": breaks[m], "eager_step_ms": round(1000 * med[m], 2),
+               "compiled_step_ms": round(1000 * med[f"{m}_compiled"], 2)}  # fmt: skip
+        rows.append(row)
+        print(f"compile {m:9s} r={rank} compiled/eager {row['compiled_vs_eager']:.3f}x  compiled/eager LoRA "
+              f"{row['compiled_vs_eager_lora']:.3f}x  graph breaks {breaks[m]}", flush=True)  # fmt: skip
+    return rows
+
+
+def bench_fsdp(methods: list[str], rank: int, experts: int, steps: int) -> list[dict]:
+    """2-process FSDP2 against DDP (torchrun, gloo on CPU; scripts/bench_engines_worker.py): step time and one
+    process's parameter + optimizer bytes, as ratios in the same run."""
+    import subprocess
+
+    rows = []
+    for m in methods:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29571",
+               str(ROOT / "scripts" / "bench_engines_worker.py"), m, str(rank), str(experts), str(steps)]  # fmt: skip
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT)
+        line = next((x for x in p.stdout.splitlines() if x.startswith("RESULT ")), None)
+        if line is None:
+            raise RuntimeError(f"fsdp bench {m} failed: {p.stderr[-2000:]}")
+        r = json.loads(line[len("RESULT ") :])
+        row = {"method": m, "rank": rank, "processes": 2,
+               "fsdp_step_vs_ddp": round(r["fsdp"]["step_s"] / r["ddp"]["step_s"], 4),
+               "fsdp_bytes_vs_ddp": round(r["fsdp"]["bytes"] / r["ddp"]["bytes"], 4),
+               "ddp_step_ms": round(1000 * r["ddp"]["step_s"], 2), "fsdp_step_ms": round(1000 * r["fsdp"]["step_s"], 2),
+               "ddp_bytes_per_process": r["ddp"]["bytes"], "fsdp_bytes_per_process": r["fsdp"]["bytes"]}  # fmt: skip
+        rows.append(row)
+        print(f"fsdp    {m:9s} r={rank} step fsdp/ddp {row['fsdp_step_vs_ddp']:.3f}x  bytes/process fsdp/ddp "
+              f"{row['fsdp_bytes_vs_ddp']:.3f}x", flush=True)  # fmt: skip
+    return rows
+
+
 def _fmt_row(r: dict) -> str:
     f = lambda v: f"{v:>6.3f}x" if v is not None else "      –"  # noqa: E731
     return (f"| {r['method']:<8} | {r['rank']:>4} | {r['experts']:>2} | {f(r['ratio_vs_lora'])} | {f(r['ratio_vs_loop'])} "
@@ -287,6 +346,8 @@ def main() -> None:
     ap.add_argument("--num-layers", type=int, default=None, help="paper shape: fewer layers (CPU test)")
     ap.add_argument("--checkpointing", action="store_true", help="paper shape: gradient checkpointing on")
     ap.add_argument("--vocab-size", type=int, default=None, help="paper shape: a smaller vocabulary (CPU test)")
+    ap.add_argument("--engines", action="store_true", help="only the engine rows: compiled vs eager, FSDP vs DDP")
+    ap.add_argument("--no-engines", action="store_true", help="skip the engine rows")
     ap.add_argument("--out", type=Path, default=ROOT / "results" / "bench")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args()
@@ -313,6 +374,17 @@ def main() -> None:
     args.steps = args.steps or (12 if args.full else 6)
     base = base_model()
     batch = make_batch(args.batch, args.seq, device)
+    if not args.no_engines:
+        rank, experts = QUICK[0]
+        engine_methods = [m for m in methods if m in ("lora", "moelora", "talklora", "teamlora", "dora", "hira")]
+        out = {"compile": bench_compile(base, batch, device, args.steps, args.warmup, engine_methods, rank, experts),
+               "fsdp": bench_fsdp([m for m in engine_methods if m in ("lora", "moelora", "talklora", "teamlora")],
+                                  rank, experts, args.steps) if device.type == "cpu" else [],
+               **meta, "batch": [args.batch, args.seq]}  # fmt: skip
+        (args.out / f"{prefix}engines.json").write_text(json.dumps(out, indent=2) + "\n")
+        print(f"wrote {args.out}/{prefix}engines.json", flush=True)
+        if args.engines:
+            return
     print(
         f"device={name} threads={torch.get_num_threads()} batch={args.batch}x{args.seq} targets={TARGETS}", flush=True
     )
