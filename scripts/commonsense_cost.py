@@ -7,7 +7,10 @@ split) and times, on the real training data and test prompts:
     (fp32, or CPU bf16 autocast with fp32 adapters, through accelerate as the trainer does),
   * the loss curve of a short fp32 run and of the same run under bf16 autocast (same seed, same batches): bf16 is only
     usable if they match,
-  * evaluation seconds per test example, greedy vs upstream's 4 beams, over the same examples.
+  * evaluation seconds per test example, greedy vs upstream's 4 beams vs option-likelihood scoring (label format and
+    the cloze format), over the same examples,
+  * `--bucket 32`: batches padded to a multiple of 32 tokens, so CPU bf16 (whose oneDNN kernels are built per new
+    shape) is timed after its warm-up on a few shapes, not on a new shape every step.
 Run it with the thread count and neighbours the sweep will have (e.g. OMP_NUM_THREADS=1 beside one other job).
 """
 
@@ -40,11 +43,38 @@ def compose(overrides: list[str]):
         return hydra_compose(config_name="config", overrides=overrides)
 
 
+CLOZE = ["task.answer_format=text", "task.prompt_style=lm_eval", "task.main_metric=acc_norm", "eval=options",
+         "task.response_max_length=64"]  # experiment=commonsense_cloze's protocol  # fmt: skip
+PROTOCOL: list[str] = []  # --protocol cloze sets CLOZE
+
+
 def base_overrides(method: str, seed: int, max_train: int, max_eval: int, decoding: str) -> list[str]:
     return [f"method={method}", "model=smollm2-135m", "task=commonsense/all", "budget=lora_r16", f"eval={decoding}",
             f"seed={seed}", f"trainer.max_train_samples={max_train or 'null'}",
             f"trainer.max_eval_samples={max_eval or 'null'}",
-            "trainer.progress=false"]  # fmt: skip
+            "trainer.progress=false", *PROTOCOL]  # fmt: skip
+
+
+def bucketed(collate, multiple: int):
+    """Pad every batch to a multiple of `multiple` tokens (labels -100, mask 0): few distinct shapes."""
+    if multiple <= 1:
+        return collate
+
+    def wrapped(rows):
+        b = collate(rows)
+        n = b["input_ids"].shape[1]
+        extra = -n % multiple
+        if extra:
+            pad = lambda t, v: torch.nn.functional.pad(t, (0, extra), value=v)  # noqa: E731
+            b["input_ids"], b["attention_mask"] = pad(b["input_ids"], 0), pad(b["attention_mask"], 0)
+            b["labels"] = pad(b["labels"], -100)
+        return b
+
+    return wrapped
+
+
+def _secs(r: dict) -> list[float]:
+    return r["secs"]
 
 
 def percentiles(xs: list[int]) -> dict[str, float]:
@@ -80,7 +110,8 @@ def train_steps(method: str, mp: str, steps: int, warmup: int, args) -> dict:
     data = load_data(cfg, b.task, b.tokenizer)
     g = torch.Generator().manual_seed(1)
     bs = int(cfg.trainer.batch_size)
-    dl = DataLoader(data.train, batch_size=bs, shuffle=True, generator=g, collate_fn=b.task.collator(b.tokenizer))
+    dl = DataLoader(data.train, batch_size=bs, shuffle=True, generator=g,
+                    collate_fn=bucketed(b.task.collator(b.tokenizer), args.bucket))  # fmt: skip
     params = [p for p in b.model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=float(cfg.trainer.lr), weight_decay=float(cfg.trainer.weight_decay))
     model, opt = acc.prepare(b.model, opt)
@@ -101,15 +132,18 @@ def train_steps(method: str, mp: str, steps: int, warmup: int, args) -> dict:
             losses.append(round(float(loss), 5))
             tokens.append(int(batch["attention_mask"].sum()))
         print(f"  {method} {mp} step {i + 1}/{warmup + steps}: {dt:.2f} s loss {float(loss):.4f}", flush=True)
-    return {"method": method, "mixed_precision": mp, "batch_size": bs, "threads": torch.get_num_threads(),
+    return {"method": method, "mixed_precision": mp, "batch_size": bs, "threads": torch.get_num_threads(), "secs": secs,
             "s_per_step_median": round(statistics.median(secs), 3), "s_per_step_mean": round(statistics.mean(secs), 3),
             "tokens_per_step_mean": round(statistics.mean(tokens), 1), "losses": losses}  # fmt: skip
 
 
 def eval_cost(decoding: str, per_set: int, batch: int, args) -> dict:
-    """Seconds per test example for one decoding, on the first `per_set` examples of every set (an untrained LoRA:
-    decoding cost does not depend on the adapter's weights)."""
-    cfg = compose(base_overrides("lora", 1, 16, per_set, decoding))
+    """Seconds per test example for one decoding (greedy, upstream; options: option likelihood in the label format;
+    cloze: option likelihood in the cloze format), on the first `per_set` examples of every set (an untrained LoRA:
+    the cost does not depend on the adapter's weights)."""
+    extra = {"options": ["eval=options", "task.main_metric=acc_norm"], "cloze": CLOZE}.get(decoding, [])
+    cfg = compose(base_overrides("lora", 1, 16, per_set, "greedy" if decoding in ("options", "cloze") else decoding)
+                  + extra)  # fmt: skip
     AcceleratorState._reset_state(reset_partial_state=True)
     acc = Accelerator(cpu=True)
     b = build(cfg, acc)
@@ -123,7 +157,7 @@ def eval_cost(decoding: str, per_set: int, batch: int, args) -> dict:
     print(f"  eval {decoding}: {n} examples in {dt:.1f} s", flush=True)
     return {"decoding": decoding, "examples": n, "batch": batch, "seconds": round(dt, 1),
             "s_per_example": round(dt / n, 3), "threads": torch.get_num_threads(),
-            "accuracy_untrained_lora": round(metrics.get("accuracy", 0.0), 4)}  # fmt: skip
+            "accuracy_untrained_lora": round(metrics.get("accuracy", metrics.get("acc_norm", 0.0)), 4)}  # fmt: skip
 
 
 def main() -> None:
@@ -137,9 +171,18 @@ def main() -> None:
     ap.add_argument("--methods", default="lora,moelora,talklora")
     ap.add_argument("--precisions", default="no,bf16", help="trainer.mixed_precision values to time")
     ap.add_argument("--skip", default="", help="comma list of parts to skip: lengths,train,curve,eval")
+    ap.add_argument(
+        "--protocol", choices=("label", "cloze"), default="label", help="cloze: experiment=commonsense_cloze's"
+    )
+    ap.add_argument("--bucket", type=int, default=1, help="pad training batches to a multiple of this many tokens")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed steps before the timed ones")
+    ap.add_argument("--decodings", default="greedy,upstream,options,cloze")
     args = ap.parse_args()
+    if args.protocol == "cloze":
+        PROTOCOL.extend(CLOZE)
     skip = set(filter(None, args.skip.split(",")))
     out: dict = {"threads": torch.get_num_threads(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+                 "protocol": args.protocol, "bucket": args.bucket, "argv": sys.argv[1:],
                  "started": time.strftime("%Y-%m-%d %H:%M:%S"), "cpu_count": os.cpu_count()}  # fmt: skip
     path = Path(args.out)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -152,20 +195,22 @@ def main() -> None:
         save()
     if "train" not in skip:
         out["train"] = [
-            train_steps(m, mp, args.steps, 2, args)
+            train_steps(m, mp, args.steps, args.warmup, args)
             for m in args.methods.split(",")
             for mp in args.precisions.split(",")
         ]
         save()
     if "curve" not in skip:
-        out["curve"] = {mp: train_steps("talklora", mp, args.curve_steps, 0, args)["losses"] for mp in ("no", "bf16")}
+        runs = {mp: train_steps("talklora", mp, args.curve_steps, 0, args) for mp in ("no", "bf16")}
+        out["curve"] = {mp: r["losses"] for mp, r in runs.items()}
+        out["curve_s_per_step_last"] = {mp: round(statistics.median(_secs(r)[-10:]), 3) for mp, r in runs.items()}
         a, c = out["curve"]["no"], out["curve"]["bf16"]
         out["curve"]["max_abs_diff"] = round(max(abs(x - y) for x, y in zip(a, c)), 5)
         out["curve"]["mean_fp32_last10"] = round(statistics.mean(a[-10:]), 4)
         out["curve"]["mean_bf16_last10"] = round(statistics.mean(c[-10:]), 4)
         save()
     if "eval" not in skip:
-        out["eval"] = [eval_cost(d, args.eval_per_set, args.eval_batch, args) for d in ("greedy", "upstream")]
+        out["eval"] = [eval_cost(d, args.eval_per_set, args.eval_batch, args) for d in args.decodings.split(",")]
         save()
     out["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
     save()

@@ -651,6 +651,11 @@ def test_option_scored_runs_get_their_metric_tables_and_the_zero_shot_comparison
         m = {"status": "completed", "task": "all", "task_family": "commonsense", "method": method, "model": "m",
              "seed": seed, "budget": {"name": "b"}, "adapter_params": 0 if method == "none" else 10, "eval": ev,
              "main_metric": "acc_norm"}  # fmt: skip
+        if method == "none":  # what a zero-shot run records: no steps, validation scored once at step 0
+            m.update(
+                total_steps=0, selection={"protocol": "none", "split": None, "metric": None, "step": 0, "value": None}
+            )
+            (d / "train_log.jsonl").write_text(json.dumps({"step": 0, "val": {"loss": 2.0, "acc_norm": 0.3}}) + "\n")
         (d / "metrics.json").write_text(json.dumps(m))
         c = zero if method == "none" else corr[seed]
         rows = [{"id": f"boolq-{i}", "task": "boolq", "gold": "true", "acc_norm": bool(x), "acc": False,

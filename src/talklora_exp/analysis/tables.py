@@ -318,7 +318,10 @@ def convergence_table(runs: list[Run]) -> Table | None:
     over the evaluations, and how often the chosen step is also the best dev step. A step chosen at the end says the
     schedule may be short; a narrow band and first ≈ chosen say the task's number was mostly there at the start."""
     curves = {r.dir: eval_curve(r) for r in runs}  # read each run's log once
-    groups = by_seed([r for r in runs if (r.metrics.get("selection") or {}).get("step") is not None and curves[r.dir]])
+    trained = [r for r in runs if r.metrics.get("total_steps") != 0]  # a zero-shot run has no training to converge
+    groups = by_seed(
+        [r for r in trained if (r.metrics.get("selection") or {}).get("step") is not None and curves[r.dir]]
+    )
     if not groups:
         return None
     rows = []
