@@ -2,9 +2,15 @@
 
 Importing it registers TalkLoRA, MoELoRA and TeamLoRA with peft (see `talklora_exp.tuners`)."""
 
+import logging
 from typing import Any
 
-from .tuners import MoELoRAConfig, TalkLoRAConfig, TeamLoRAConfig
+# bitsandbytes (imported by peft when installed) tries to fetch an optional CPU kernel from the hub at import and logs
+# its failure on every command, offline or not; it falls back to its own kernels, so the warning is only noise here.
+for _name in ("bitsandbytes.backends.cpu.ops", "kernels"):
+    logging.getLogger(_name).setLevel(logging.ERROR)
+
+from .tuners import MoELoRAConfig, TalkLoRAConfig, TeamLoRAConfig  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = ["MoELoRAConfig", "TalkLoRAConfig", "TeamLoRAConfig", "routing_hooks"]

@@ -123,6 +123,31 @@ _DIRNAME_EXCLUDED = ("hydra.", "hydra/", "experiment", "overwrite", "trainer.pro
 NAME_MAX = 255  # bytes per path component on Linux filesystems
 
 
+def check_dirs_writable(argv: list[str]) -> str | None:
+    """One line instead of Hydra's logging traceback when a given run/sweep dir cannot be written (a read-only mount):
+    Hydra opens its job log there before any of this project's code runs."""
+    try:
+        overrides = _parse(argv)
+    except Exception:
+        return None
+    for o in overrides:
+        if o.key_or_group in ("hydra.run.dir", "hydra.sweep.dir") and "${" not in str(o.value()):
+            p = Path(str(o.value())).expanduser().absolute()
+            while not p.exists() and p != p.parent:
+                p = p.parent
+            if p.exists() and not os.access(p, os.W_OK):
+                why = "a read-only file system" if _read_only(p) else "no write permission"
+                return f"{o.key_or_group}={o.value()}: {p} cannot be written ({why}); nothing was written"
+    return None
+
+
+def _read_only(p: Path) -> bool:
+    try:
+        return bool(os.statvfs(p).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
+
+
 def check_dir_names(argv: list[str]) -> str | None:
     """One line instead of Hydra's traceback when a sweep job's dir name (its overrides joined, Hydra's
     override_dirname) or a given run/sweep dir would have a path component longer than the filesystem allows."""
@@ -188,7 +213,7 @@ DRY_RUN_JOBS: list[dict[str, Any]] = []
 
 def main() -> None:
     argv = sys.argv[1:]
-    err = check_group_overrides(argv) or check_override_keys(argv) or check_dir_names(argv)
+    err = check_group_overrides(argv) or check_override_keys(argv) or check_dir_names(argv) or check_dirs_writable(argv)
     argv = expand_group_globs(argv)
     if err:
         print(f"error: {err}", file=sys.stderr)

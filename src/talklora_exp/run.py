@@ -168,6 +168,8 @@ def run(cfg: DictConfig, run_dir: Path, on_claim: Callable[[Path], None] | None 
             lock.acquire()
         except RunDirBusy as e:
             busy = str(e)
+        except OSError as e:  # a read-only or vanished run dir
+            busy = f"{e.filename or run_dir}: {e.strerror or e}; the run dir must be writable (nothing was written)"
     busy = _agree(acc, busy)
     if busy:
         raise UserError(busy)
@@ -204,8 +206,12 @@ def _run_locked(
     tcfg, main = cfg.trainer, acc.is_main_process
     overwrite = bool(cfg.get("overwrite", False))
     stored = read_identity(run_dir)
-    if read_status(run_dir) == "completed" and not overwrite:
+    status = read_status(run_dir)
+    if status == "completed" and not overwrite:
         return _skip_completed(run_dir, stored, ident)
+    if status == "corrupt" and not overwrite:  # e.g. `[]` or a truncated file: never redone over silently
+        raise UserError(f"{run_dir}/metrics.json is not a run record (a JSON object with a status); nothing in the run "
+                        "dir was changed: look at it, move the dir aside, or rerun with overwrite=true")  # fmt: skip
     if tcfg.get("deterministic"):
         torch.use_deterministic_algorithms(True, warn_only=True)
     _check_ours(run_dir, stored, ident, overwrite)  # before anything in run_dir is read, deleted or rewritten
@@ -238,7 +244,11 @@ def _run_locked(
     metrics = _completed_record(base, result, resume_state, b.task, mp, acc, time.time() - t_start)
     state = engines.full_state_dict(b.model)  # a sharded model's whole weights, gathered by every process
     if main:
-        _write_results(run_dir, b, acc, result, metrics, state)
+        try:
+            _write_results(run_dir, b, acc, result, metrics, state)
+        except OSError as e:  # disk full, read-only: say so on disk where possible; nothing claims completion
+            _write_status(run_dir, {"status": "failed", **base, "error": f"OSError: {e.strerror or e} ({e.filename})"})
+            raise
     logger.finish({"eval": result.report})
     return metrics
 

@@ -170,9 +170,8 @@ class RunDirLock:
         try:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
         except OSError as e:
-            raise RunDirBusy(
-                f"{self.path}: cannot open the run lock ({e.strerror}); a symlink there is refused"
-            ) from None
+            why = "; a symlink there is refused" if e.errno == errno.ELOOP else "; the run dir must be writable"
+            raise RunDirBusy(f"{self.path}: cannot open the run lock ({e.strerror}){why}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:

@@ -3,6 +3,7 @@ only its peft config and its parameter formula (the budget solver needs counts b
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -181,7 +182,15 @@ class Method:
     def save(self, model: nn.Module, out_dir: Path, state_dict: dict | None = None) -> None:
         """peft's format (adapter_model.safetensors + adapter_config.json); `state_dict`: the whole model's, gathered,
         when the model is sharded (its own parameters then hold only this process's shard)."""
-        model.save_pretrained(str(out_dir), **({"state_dict": state_dict} if state_dict is not None else {}))
+        try:
+            model.save_pretrained(str(out_dir), **({"state_dict": state_dict} if state_dict is not None else {}))
+        except OSError:
+            raise
+        except Exception as e:  # safetensors reports a failed write (disk full) as its own error type
+            code = re.search(r"os error (\d+)", str(e))
+            if code is None:
+                raise
+            raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(out_dir)) from None
 
     def load(self, model: nn.Module, in_dir: Path) -> nn.Module:
         """peft's loader, made strict: every saved tensor must fit, and every trainable tensor must be saved."""
