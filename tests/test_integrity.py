@@ -258,3 +258,10 @@ def test_committed_table_runs_keep_their_identity():
             assert same_config(stored, new), (path, diff_keys(current_keys(stored["config"]), new["config"]))
             checked += 1
     assert checked >= 55  # the GLUE table (3 methods x 5 tasks x 3 seeds) and the baselines landed so far
+    for sweep in ("commonsense_table", "commonsense_cloze"):  # one level: method=...,seed=... (an unfinished one too)
+        for path in sorted((ROOT / "results" / "repro" / sweep).glob("*/identity.json")):
+            stored = json.loads(path.read_text())
+            new = identity(compose_cfg([f"experiment={sweep}", *path.parent.name.split(",")]))
+            assert same_config(stored, new), (path, diff_keys(current_keys(stored["config"]), new["config"]))
+            checked += 1
+    assert checked >= 66  # + the label commonsense table's 10 runs and the cloze table's zero-shot row
