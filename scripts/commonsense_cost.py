@@ -48,11 +48,14 @@ CLOZE = ["task.answer_format=text", "task.prompt_style=lm_eval", "task.main_metr
 PROTOCOL: list[str] = []  # --protocol cloze sets CLOZE
 
 
-def base_overrides(method: str, seed: int, max_train: int, max_eval: int, decoding: str) -> list[str]:
+def base_overrides(
+    method: str, seed: int, max_train: int, max_eval: int, decoding: str, protocol: list[str] | None = None
+) -> list[str]:
+    """`protocol`: the overrides of the protocol measured (default: --protocol's)."""
     return [f"method={method}", "model=smollm2-135m", "task=commonsense/all", "budget=lora_r16", f"eval={decoding}",
             f"seed={seed}", f"trainer.max_train_samples={max_train or 'null'}",
             f"trainer.max_eval_samples={max_eval or 'null'}",
-            "trainer.progress=false", *PROTOCOL]  # fmt: skip
+            "trainer.progress=false", *(PROTOCOL if protocol is None else protocol)]  # fmt: skip
 
 
 def bucketed(collate, multiple: int):
@@ -141,9 +144,9 @@ def eval_cost(decoding: str, per_set: int, batch: int, args) -> dict:
     """Seconds per test example for one decoding (greedy, upstream; options: option likelihood in the label format;
     cloze: option likelihood in the cloze format), on the first `per_set` examples of every set (an untrained LoRA:
     the cost does not depend on the adapter's weights)."""
-    extra = {"options": ["eval=options", "task.main_metric=acc_norm"], "cloze": CLOZE}.get(decoding, [])
-    cfg = compose(base_overrides("lora", 1, 16, per_set, "greedy" if decoding in ("options", "cloze") else decoding)
-                  + extra)  # fmt: skip
+    # each decoding in its own protocol: greedy, upstream and options on the label format, cloze on the cloze format
+    protocol = {"options": ["eval=options", "task.main_metric=acc_norm"], "cloze": CLOZE}.get(decoding, [])
+    cfg = compose(base_overrides("lora", 1, 16, per_set, "greedy" if protocol else decoding, protocol))
     AcceleratorState._reset_state(reset_partial_state=True)
     acc = Accelerator(cpu=True)
     b = build(cfg, acc)
