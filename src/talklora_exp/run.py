@@ -209,12 +209,12 @@ def _run_locked(
     status = read_status(run_dir)
     if status == "completed" and not overwrite:
         return _skip_completed(run_dir, stored, ident)
-    if status == "corrupt" and not overwrite:  # e.g. `[]` or a truncated file: never redone over silently
-        raise UserError(f"{run_dir}/metrics.json is not a run record (a JSON object with a status); nothing in the run "
-                        "dir was changed: look at it, move the dir aside, or rerun with overwrite=true")  # fmt: skip
     if tcfg.get("deterministic"):
         torch.use_deterministic_algorithms(True, warn_only=True)
     _check_ours(run_dir, stored, ident, overwrite)  # before anything in run_dir is read, deleted or rewritten
+    if status == "corrupt" and not overwrite:  # this config's dir, but `[]` or a truncated file: never redone over
+        raise UserError(f"{run_dir}/metrics.json is not a run record (a JSON object with a status); nothing in the run "
+                        "dir was changed: look at it, move the dir aside, or rerun with overwrite=true")  # fmt: skip
     ckpt_root = run_dir / "checkpoints"
     resume_state = _find_resume(run_dir, stored, ident) if tcfg.get("resume") == "auto" and not overwrite else None
     if main:

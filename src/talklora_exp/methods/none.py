@@ -25,7 +25,7 @@ class NoneMethod(Method):
         model.requires_grad_(False)
         return model
 
-    def save(self, model: nn.Module, out_dir: Path) -> None:
+    def save(self, model: nn.Module, out_dir: Path, state_dict: dict | None = None) -> None:
         """No adapter: nothing to save (the base model is named by the run's config)."""
 
     def load(self, model: nn.Module, in_dir: Path) -> nn.Module:

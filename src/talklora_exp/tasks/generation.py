@@ -20,6 +20,7 @@ from ..data import describe_search, find_local, iter_lines
 from ..errors import UserError
 from . import options as opt
 from .base import EvalResult, Split, Task, TaskData, split_and_cap
+from .options import render_prompt
 
 IGNORE = -100
 
@@ -67,10 +68,6 @@ def gsm8k_gold(answer: str) -> str:
     if "####" not in answer:
         raise ValueError("no '####' in answer")
     return _norm_number(answer.split("####")[-1].strip())
-
-
-def render_prompt(templates: Any, instruction: str, inp: str) -> str:
-    return (templates.with_input if inp else templates.no_input).format(instruction=instruction, input=inp)
 
 
 def read_json_records(path: Path, required: tuple[str, ...]) -> list[dict]:

@@ -45,6 +45,11 @@ BOOLQ_TEXT = {"true": "yes", "false": "no"}
 _FORMAT = re.compile(r"\s*Answer format: ([A-Za-z0-9/]+)\s*$")
 
 
+def render_prompt(templates: Any, instruction: str, inp: str) -> str:
+    """The Alpaca template (`task.prompt`): its with-input form for records that have an input."""
+    return (templates.with_input if inp else templates.no_input).format(instruction=instruction, input=inp)
+
+
 class ParseError(ValueError):
     """An instruction that does not have the set's layout (counted by the parse test, never silently scored)."""
 
@@ -136,8 +141,6 @@ def requests(task: str, rec: dict, answer_format: str, style: str, templates: An
     `style`: `alpaca` wraps the instruction in `templates` (upstream's template; in `text` format the instruction
     keeps its header and question, not the options); `lm_eval` uses lm-eval's per-set prompt ("Question: ..
     \\nAnswer:") and a space before each continuation."""
-    from .generation import render_prompt
-
     p = parse_options(task, rec["instruction"])
     if rec["answer"] not in p.labels:
         raise ParseError(f"answer {rec['answer']!r} not among {p.labels}")
