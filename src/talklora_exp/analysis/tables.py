@@ -472,6 +472,11 @@ def sign_flip_p(d: np.ndarray, draws: int = 20000, seed: int = 0) -> float:
     return float((1 + (null >= obs - 1e-12).sum()) / (draws + 1))
 
 
+def _p4(p: float) -> str:
+    """A permutation p-value to 4 places; below the resolution of 20,000 draws it reads "< 0.0001"."""
+    return "< 0.0001" if p < 1e-4 else f"{p:.4f}"
+
+
 def vs_zero_shot_table(runs: list[Run], title: str) -> Table | None:
     """Does fine-tuning beat the untrained model? Per method: the 8-set average (mean ± std over seeds) against the
     zero-shot row's, with two tests: over seeds (one-sample t-test of the per-seed averages against zero-shot's one
@@ -499,7 +504,7 @@ def vs_zero_shot_table(runs: list[Run], title: str) -> Table | None:
         ids = sorted(set(zs_ex).intersection(*map(set, per))) if per else []
         d = np.array([np.mean([p[i] for p in per]) - zs_ex[i] for i in ids], dtype=float)
         rows.append([label(m), str(len(rs)), _fmt(list(vals)), f"{100 * zs_avg:.2f}", f"{100 * (vals.mean() - zs_avg):+.2f}",
-                     "–" if p_seed is None else f"{p_seed:.3f}", f"{sign_flip_p(d):.4f}" if len(ids) else "–", str(len(ids))])  # fmt: skip
+                     "–" if p_seed is None else f"{p_seed:.3f}", _p4(sign_flip_p(d)) if len(ids) else "–", str(len(ids))])  # fmt: skip
     note = (
         f"{main} x100, the average over the sets. p (seeds): one-sample t-test of the seeds' averages against the "
         "zero-shot value. p (examples): two-sided sign-flip permutation test (20,000 draws, seed 0) of each test "
