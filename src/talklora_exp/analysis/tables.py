@@ -504,7 +504,7 @@ def vs_zero_shot_table(runs: list[Run], title: str) -> Table | None:
         ids = sorted(set(zs_ex).intersection(*map(set, per))) if per else []
         d = np.array([np.mean([p[i] for p in per]) - zs_ex[i] for i in ids], dtype=float)
         rows.append([label(m), str(len(rs)), _fmt(list(vals)), f"{100 * zs_avg:.2f}", f"{100 * (vals.mean() - zs_avg):+.2f}",
-                     "–" if p_seed is None else f"{p_seed:.3f}", _p4(sign_flip_p(d)) if len(ids) else "–", str(len(ids))])  # fmt: skip
+                     "–" if p_seed is None else ("< 0.001" if p_seed < 1e-3 else f"{p_seed:.3f}"), _p4(sign_flip_p(d)) if len(ids) else "–", str(len(ids))])  # fmt: skip
     note = (
         f"{main} x100, the average over the sets. p (seeds): one-sample t-test of the seeds' averages against the "
         "zero-shot value. p (examples): two-sided sign-flip permutation test (20,000 draws, seed 0) of each test "
