@@ -242,17 +242,13 @@ def test_compiled_forward_and_backward_equal_eager(name: str):
     gradient as eager (float32, fused kernels sum in another order); an adapted layer's forward compiles to one
     graph (no graph break inside it when no routing statistics are being taken)."""
     import torch._dynamo
-    from test_scale import TARGETS, _batch, _method, tiny_llama
+    from test_scale import TARGETS, _batch, _method, randomize_trainable, tiny_llama
 
     out = []
     for compiled in (False, True):
         torch._dynamo.reset()
         model = _method(name, dropout=0.0).inject(tiny_llama(), TARGETS, [], "causal")
-        with torch.no_grad():
-            g = torch.Generator().manual_seed(1)
-            for p in model.parameters():
-                if p.requires_grad:
-                    p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+        randomize_trainable(model)
         if compiled:
             model.compile()
         loss = model(**_batch()).loss

@@ -27,6 +27,15 @@ def _method(name: str, **over):
     return build_method(method_config(d))
 
 
+@torch.no_grad()
+def randomize_trainable(model: torch.nn.Module, seed: int = 1) -> None:
+    """Non-zero adapters (B starts at zero), so every adapter tensor gets a gradient; the same draws every call."""
+    g = torch.Generator().manual_seed(seed)
+    for p in model.parameters():
+        if p.requires_grad:
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+
+
 def _batch():
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 97, (2, 12), generator=g)
@@ -55,11 +64,7 @@ def test_gradient_checkpointing_matches_plain_backward(name):
     for ckpt in (False, True):
         method = _method(name, dropout=0.0)
         model = method.inject(tiny_llama(), TARGETS, [], "causal")
-        with torch.no_grad():  # non-zero adapters so every adapter tensor gets a gradient
-            g = torch.Generator().manual_seed(1)
-            for p in model.parameters():
-                if p.requires_grad:
-                    p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+        randomize_trainable(model)
         if ckpt:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.config.use_cache = False
@@ -74,7 +79,7 @@ def test_gradient_checkpointing_matches_plain_backward(name):
         torch.testing.assert_close(grads[0][n], grads[1][n], rtol=1e-5, atol=1e-7)
 
 
-ROUTED = [m for m in ADAPTERS if build_method(method_config(_method_dict := {"name": m, "rank": 8})).routed]
+ROUTED = [m for m in ADAPTERS if build_method(method_config({"name": m, "rank": 8})).routed]
 
 
 @pytest.mark.parametrize("name", ROUTED)
@@ -90,11 +95,7 @@ def test_checkpointing_observes_routing_once_and_keeps_nothing_past_the_step(nam
     for ckpt in (False, True):
         method = _method(name, dropout=0.1, balance_loss=0.05)
         model = method.inject(tiny_llama(), TARGETS, [], "causal")
-        with torch.no_grad():
-            g = torch.Generator().manual_seed(1)
-            for p in model.parameters():
-                if p.requires_grad:
-                    p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+        randomize_trainable(model)
         if ckpt:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.config.use_cache = False

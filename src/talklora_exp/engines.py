@@ -19,7 +19,7 @@ from .choices import STRATEGIES
 from .errors import UserError
 
 
-def check_strategy(strategy: str, num_processes: int) -> None:
+def check_strategy(strategy: str) -> None:
     if strategy not in STRATEGIES:
         raise UserError(f"trainer.strategy={strategy!r}; allowed: {list(STRATEGIES)}")
     if strategy in ("zero2", "zero3"):
@@ -60,6 +60,11 @@ def is_sharded(t: torch.Tensor) -> bool:
     return isinstance(t, DTensor)
 
 
+def is_sharded_model(model: nn.Module) -> bool:
+    """Whether any of the model's parameters is sharded (FSDP2 turned it into a DTensor)."""
+    return any(is_sharded(p) for p in model.parameters())
+
+
 def full(t: torch.Tensor) -> torch.Tensor:
     """The whole tensor (a collective for a sharded one: every process must call it)."""
     return t.full_tensor() if is_sharded(t) else t
@@ -78,7 +83,7 @@ def load_full(p: torch.Tensor, value: torch.Tensor) -> None:
 
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor] | None:
     """The model's whole state dict on CPU for a sharded model (collective; None when not sharded: read it as usual)."""
-    if not any(is_sharded(p) for p in model.parameters()):
+    if not is_sharded_model(model):
         return None
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 

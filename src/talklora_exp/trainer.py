@@ -201,7 +201,7 @@ class Trainer:
 
         # The engine first (FSDP shards the model in place), then the optimizer over the parameters as they now are.
         strategy = str(tcfg.get("strategy", "ddp"))
-        engines.check_strategy(strategy, accelerator.num_processes)
+        engines.check_strategy(strategy)
         self.sharded = engines.shard(model, strategy, accelerator.num_processes)
         if tcfg.get("compile"):  # in place (nn.Module.compile): parameter names, saving and unwrapping unchanged
             model.compile()

@@ -329,10 +329,10 @@ class GenerationTask(Task):
                         row.update(prompt=r["prompt"], generated=t, extracted=pred, correct=pred == r["answer"])
                 if do_opt:
                     for row, r, scores in zip(out, recs, self._score_options(model, batch, on_batch)):
-                        a, n = opt.pick(scores, r["norm_len"])
+                        pick, pick_norm = opt.pick(scores, r["norm_len"])
                         labels = r["option_labels"]
-                        row.update(ll=scores, ll_pick=labels[a], ll_pick_norm=labels[n],
-                                   acc=a == r["gold_index"], acc_norm=n == r["gold_index"])  # fmt: skip
+                        row.update(ll=scores, ll_pick=labels[pick], ll_pick_norm=labels[pick_norm],
+                                   acc=pick == r["gold_index"], acc_norm=pick_norm == r["gold_index"])  # fmt: skip
                 # per batch, while the loader still knows how many of its last batch's rows are padding repeats
                 rows += accelerator.gather_for_metrics(out, use_gather_object=True)
             n = max(len(rows), 1)
@@ -362,7 +362,7 @@ class GenerationTask(Task):
         if on_batch is not None:
             on_batch({"attention_mask": enc["attention_mask"]})
         gen_model = accelerator.unwrap_model(model)
-        if accelerator.num_processes > 1 and any(engines.is_sharded(p) for p in gen_model.parameters()):
+        if accelerator.num_processes > 1 and engines.is_sharded_model(gen_model):
             kw["synced_gpus"] = True  # sharded weights: every process runs each decode step, or the gathers hang
         out = gen_model.generate(**enc, **kw)
         raw = tok.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=False)
