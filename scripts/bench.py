@@ -29,14 +29,19 @@ from omegaconf import OmegaConf
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from talklora_exp.methods import build_method, find_target_layers, method_config  # noqa: E402
-from talklora_exp.methods.reference import swap_teamlora_to_loop, swap_to_direct, swap_to_loop  # noqa: E402
+from talklora_exp.methods import METHODS, build_method, find_target_layers, method_config  # noqa: E402
+from talklora_exp.methods.reference import loop_twin_of, swap_any_to_loop, swap_to_direct  # noqa: E402
 from talklora_exp.models import resolve_pretrained  # noqa: E402
 
 QUICK = [(8, 4), (64, 16)]
 FULL = [(8, 2), (8, 4), (64, 4), (64, 8), (64, 16)]
 TARGETS = ["query", "value"]
-LOOPS = {"moelora": swap_to_loop, "talklora": swap_to_loop, "teamlora": swap_teamlora_to_loop}
+CONF_DIR = ROOT / "conf"
+
+
+def adapters() -> list[str]:
+    """Every registered method with an adapter (read when called: a method registered later is benched too)."""
+    return [m for m, cls in METHODS.items() if cls.adapts]
 
 
 def base_model():
@@ -52,7 +57,7 @@ def base_model():
 
 def typed(name: str, rank: int, experts: int):
     """The method's own config file, at this rank (and expert count for the mixtures)."""
-    d = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "method" / f"{name}.yaml"))
+    d = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "method" / f"{name}.yaml"))
     d["rank"] = rank
     if d.get("num_experts", 1) > 1:
         d["num_experts"] = experts
@@ -125,14 +130,14 @@ def bench_adapters(base, batch, device, configs, steps: int, warmup: int, method
     rows = []
     for rank, experts in configs:
         variants = {m: Stepper(build(m, rank, experts, base, **kw), device, kw_autocast(device)) for m in methods}
-        for m in methods:
-            if m in LOOPS:
-                variants[f"{m}_loop"] = Stepper(
-                    LOOPS[m](build(m, rank, experts, base, **kw)), device, kw_autocast(device)
-                )
-                variants[f"{m}_direct"] = Stepper(
-                    swap_to_direct(build(m, rank, experts, base, **kw)), device, kw_autocast(device)
-                )
+        looped = [m for m in methods if loop_twin_of(variants[m].model) is not None]  # the mixtures' loop twins
+        for m in looped:
+            variants[f"{m}_loop"] = Stepper(
+                swap_any_to_loop(build(m, rank, experts, base, **kw)), device, kw_autocast(device)
+            )
+            variants[f"{m}_direct"] = Stepper(
+                swap_to_direct(build(m, rank, experts, base, **kw)), device, kw_autocast(device)
+            )
         times: dict[str, list[float]] = {k: [] for k in variants}
         for i in range(warmup + steps):
             for k, s in variants.items():  # interleaved: drift and noise hit every variant alike
@@ -147,11 +152,11 @@ def bench_adapters(base, batch, device, configs, steps: int, warmup: int, method
                 continue
             row = {"method": name, "rank": rank, "experts": typed(name, rank, experts).num_experts,
                    "ratio_vs_lora": round(med[name] / med["lora"], 4),
-                   "ratio_vs_loop": round(med[name] / med[f"{name}_loop"], 4) if name in LOOPS else None,
-                   "loop_ratio_vs_lora": round(med[f"{name}_loop"] / med["lora"], 4) if name in LOOPS else None,
+                   "ratio_vs_loop": round(med[name] / med[f"{name}_loop"], 4) if name in looped else None,
+                   "loop_ratio_vs_lora": round(med[f"{name}_loop"] / med["lora"], 4) if name in looped else None,
                    # the peft tuner layer against its experts called directly (the layer before the peft move)
-                   "ratio_vs_direct": round(med[name] / med[f"{name}_direct"], 4) if name in LOOPS else None,
-                   "direct_ratio_vs_lora": round(med[f"{name}_direct"] / med["lora"], 4) if name in LOOPS else None,
+                   "ratio_vs_direct": round(med[name] / med[f"{name}_direct"], 4) if name in looped else None,
+                   "direct_ratio_vs_lora": round(med[f"{name}_direct"] / med["lora"], 4) if name in looped else None,
                    "peak_mem_ratio_vs_lora": round(mem[name] / mem["lora"], 4),
                    "step_ms": round(1000 * med[name], 2), "lora_step_ms": round(1000 * med["lora"], 2),
                    "tokens_per_s": round(tokens / med[name], 1), "peak_mem_gb": round(mem[name] / 1024**3, 3),
@@ -338,9 +343,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--batch", type=int, default=None)
     ap.add_argument("--seq", type=int, default=None)
-    ap.add_argument(
-        "--methods", default=",".join(m for m in ("lora", "moelora", "talklora", "teamlora", "hira", "dora"))
-    )
+    ap.add_argument("--methods", default=",".join(adapters()), help="default: every registered method with an adapter")
     ap.add_argument("--paper-shape", action="store_true", help="llama3-8b-shape at the paper config (GPU)")
     ap.add_argument("--shape-model", default="llama3-8b-shape")
     ap.add_argument("--num-layers", type=int, default=None, help="paper shape: fewer layers (CPU test)")
@@ -376,10 +379,8 @@ def main() -> None:
     batch = make_batch(args.batch, args.seq, device)
     if not args.no_engines:
         rank, experts = QUICK[0]
-        engine_methods = [m for m in methods if m in ("lora", "moelora", "talklora", "teamlora", "dora", "hira")]
-        out = {"compile": bench_compile(base, batch, device, args.steps, args.warmup, engine_methods, rank, experts),
-               "fsdp": bench_fsdp([m for m in engine_methods if m in ("lora", "moelora", "talklora", "teamlora")],
-                                  rank, experts, args.steps) if device.type == "cpu" else [],
+        out = {"compile": bench_compile(base, batch, device, args.steps, args.warmup, methods, rank, experts),
+               "fsdp": bench_fsdp(methods, rank, experts, args.steps) if device.type == "cpu" else [],
                **meta, "batch": [args.batch, args.seq]}  # fmt: skip
         (args.out / f"{prefix}engines.json").write_text(json.dumps(out, indent=2) + "\n")
         print(f"wrote {args.out}/{prefix}engines.json", flush=True)

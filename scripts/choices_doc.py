@@ -1,5 +1,5 @@
 """Writes docs/choices.md, every closed set of config values, from the sets the code validates against
-(`validate.RULES` over `talklora_exp.choices`, the method configs' `choices`), so the docs cannot drift from them.
+(`validate.RULES` over `talklora_exp.choices`, the method peft configs' `choices`), so the docs cannot drift from them.
 
     python scripts/choices_doc.py          # rewrite docs/choices.md
     python scripts/choices_doc.py --check  # exit 1 if it is stale (tests/test_docs.py runs this)
@@ -11,6 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from talklora_exp.choices import ADAPTER_DTYPES
 from talklora_exp.methods import METHODS
 from talklora_exp.validate import RULES
 
@@ -25,15 +26,16 @@ def render() -> str:
     """The page: one row per field with a closed set of values."""
     rows = [(key, _values(allowed), "all") for key, (kind, allowed) in RULES.items() if kind.startswith("choice")]
     per_field: dict[str, tuple[tuple, list[str]]] = {}
-    for name, (_, cfg_cls) in sorted(METHODS.items()):
-        for key, allowed in cfg_cls.choices.items():
+    for name, method in sorted(METHODS.items()):
+        own = getattr(method.config_cls, "choices", {}) if method.config_cls is not None else {}
+        for key, allowed in {"adapter_dtype": ADAPTER_DTYPES, **own}.items():
             per_field.setdefault(key, (allowed, []))[1].append(name)
     rows += [(f"method.{k}", _values(a), ", ".join(f"`{m}`" for m in ms)) for k, (a, ms) in sorted(per_field.items())]
     out = [
         "# Config choices",
         "",
         "Every config field with a closed set of values, and the values allowed. Generated from the sets the code",
-        "validates against (`src/talklora_exp/choices.py`, the method configs' `choices`) by",
+        "validates against (`src/talklora_exp/choices.py`, the method peft configs' `choices`) by",
         "`python scripts/choices_doc.py`; a test fails when this page is stale. Any other value is rejected before",
         "anything runs, with one line naming the field, the value and this list.",
         "",

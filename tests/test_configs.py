@@ -81,7 +81,7 @@ def test_smoke_every_method(glue_dir, tmp_path, method):
     assert m["status"] == "completed" and "accuracy" in m["eval"] and m["adapter_params"] > 0
     from talklora_exp.methods import METHODS
 
-    assert (tmp_path / "run" / "routing.json").exists() == METHODS[method][0].routed
+    assert (tmp_path / "run" / "routing.json").exists() == METHODS[method].routed
 
 
 @pytest.mark.slow
@@ -123,7 +123,7 @@ BAD = [
     (["model.max_length=0"], "model.max_length=0 must be an integer >= 1"),
     (["budget=lora_r16", "budget.type=weird"], "budget.type='weird'; allowed: ['none', 'relative', 'absolute']"),
     (["method=talklora", "method.dropout=1.5"], "method.dropout=1.5; allowed: a probability in [0, 1)"),
-    (["method=talklora", "method.top_k=9"], "method.top_k=9; allowed: null or an integer in [1, 4]"),
+    (["method=talklora", "method.top_k=9"], "method.top_k=9; allowed: null (None) or an integer in [1, 4]"),
     (["method=talklora", "method.router_input=y"], "method.router_input='y'; allowed: ['x', 'h', 'talked']"),
     (["method=talklora", "method.talk=loud"], "method.talk='loud'; allowed: ['learned', 'identity', 'off']"),
     (["method=talklora", "method.rank=3.5"], "method.rank=3.5; allowed: an integer"),

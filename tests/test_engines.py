@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import compose_cfg
+from test_scale import ADAPTERS
 
 # A tiny random causal LM through the whole run pipeline (llama3-8b's architecture shrunk; SmolLM2's offline tokenizer)
 TINY_LM = ["model=llama3-8b-shape", "model.num_layers=2", "model.arch.hidden_size=64", "model.arch.intermediate_size=128",
@@ -57,7 +58,7 @@ def test_gradient_checkpointing_changes_nothing_a_run_records(tmp_path: Path, sh
 
 # --- two CPU processes: FSDP (torch's fully_shard per block) and DDP against one process -----------------------------
 
-ENGINE_METHODS = ["lora", "moelora", "talklora", "teamlora"]
+ENGINE_METHODS = ADAPTERS  # every registered method with an adapter
 MODELS = {  # model overrides, task and data for each model kind
     "minilm": (["task=glue/sst2", "model.max_length=32", "+model.hf_config={hidden_dropout_prob:0.0,attention_probs_dropout_prob:0.0}"], "glue"),
     "causal": ([*TINY_LM, "task=commonsense/boolq", "trainer.max_train_samples=48", "eval.max_new_tokens=4",
@@ -95,7 +96,7 @@ def test_fsdp_and_ddp_compute_what_one_process_computes(tmp_path: Path, glue_dir
     """Dropout 0, global batch 8: one process x 8, torchrun x2 DDP x 4 and torchrun x2 FSDP x 4 give the same loss and
     gradient norm at every step (float32, another summation order), the same reported metrics and predictions, and
     adapters that agree; the FSDP run's adapter/ reloads in this process with PeftModel.from_pretrained and gives the
-    one-process adapter's outputs. For LoRA, MoELoRA, TalkLoRA (its shared B in the root unit) and TeamLoRA."""
+    one-process adapter's outputs. For every registered method (TalkLoRA's shared B in the root unit)."""
     over, data = MODELS[kind]
     data_dir = glue_dir if data == "glue" else shared_data
     common = ["-m", *over, f"method={','.join(ENGINE_METHODS)}", "method.dropout=0.0", "trainer.max_steps=3",
@@ -236,7 +237,7 @@ def test_a_base_layer_the_mixtures_cannot_wrap_is_refused_in_one_line():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["lora", "dora", "hira", "moelora", "talklora", "teamlora"])
+@pytest.mark.parametrize("name", ADAPTERS)
 def test_compiled_forward_and_backward_equal_eager(name: str):
     """nn.Module.compile (inductor) on a tiny LLaMA with the method's adapters: the same loss and every adapter
     gradient as eager (float32, fused kernels sum in another order); an adapted layer's forward compiles to one

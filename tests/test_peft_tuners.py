@@ -12,14 +12,15 @@ from pathlib import Path
 import pytest
 import torch
 from peft import HiraConfig, LoraConfig, PeftModel, get_peft_model
+from test_scale import ADAPTERS, _method
 from torch import nn
 
 import talklora_exp
 from talklora_exp import MoELoRAConfig, TalkLoRAConfig, TeamLoRAConfig
-from talklora_exp.tuners import PEFT_MAPPINGS, register
+from talklora_exp.tuners import PEFT_MAPPINGS, TUNERS, register
 from talklora_exp.tuners.mixture import MixtureLayer
 
-CONFIGS = {"talklora": TalkLoRAConfig, "moelora": MoELoRAConfig, "teamlora": TeamLoRAConfig}
+CONFIGS = {peft_type.lower(): config for peft_type, (config, _) in TUNERS.items()}  # this package's tuners
 IDS = torch.tensor([[1, 5, 9, 12, 7, 3], [2, 8, 4, 4, 30, 11]])
 
 
@@ -157,13 +158,10 @@ def test_config_checks_are_one_line_value_errors():
     assert talklora_exp.TalkLoRAConfig is TalkLoRAConfig
 
 
-@pytest.mark.parametrize("name", ["lora", "dora", "hira", "moelora", "teamlora", "talklora"])
+@pytest.mark.parametrize("name", ADAPTERS)
 def test_every_methods_run_adapter_is_a_standard_peft_adapter(tmp_path: Path, name: str):
     """What a run writes to RUN_DIR/adapter (`Method.save`) loads with `PeftModel.from_pretrained`, as in the README."""
-    from talklora_exp.methods import build_method, method_config
-
-    d = {"name": name, "rank": 8, **({"num_experts": 4} if name in ("moelora", "talklora", "teamlora") else {})}
-    method = build_method(method_config(d))
+    method = _method(name)
     model = method.inject(tiny_llama(), ["q_proj", "v_proj"], [], "causal")
     g = torch.Generator().manual_seed(2)
     with torch.no_grad():

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import ROOT
+from omegaconf import OmegaConf
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from talklora_exp.methods import METHODS, build_method, method_config
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
-ADAPTERS = sorted(m for m in METHODS if m != "none")  # none: the zero-shot row has no adapter
+ADAPTERS = [m for m, cls in METHODS.items() if cls.adapts]  # every registered method with an adapter
 
 
 def tiny_llama(dtype=torch.float32) -> LlamaForCausalLM:
@@ -21,9 +23,8 @@ def tiny_llama(dtype=torch.float32) -> LlamaForCausalLM:
 
 
 def _method(name: str, **over):
-    d = {"name": name, "rank": 8, **({"num_experts": 4} if name in ("moelora", "talklora", "teamlora") else {}), **over}
-    if name == "talklora":
-        d.update(share_b=True, talk="learned", expert_mixer=True, router_input="talked")
+    """The method as its conf/method yaml sets it, at rank 8."""
+    d = {**OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "method" / f"{name}.yaml")), "rank": 8, **over}
     return build_method(method_config(d))
 
 

@@ -8,6 +8,7 @@ from typing import Any
 from .choices import BUDGET_TYPES
 from .errors import UserError
 from .methods.base import Method, TargetLayer
+from .methods.lora import lora_params
 
 
 @dataclass
@@ -28,8 +29,7 @@ def target_params(bcfg: Any, layers: list[TargetLayer]) -> int | None:
     if kind == "none":
         return None
     if kind == "relative":
-        r = int(bcfg.lora_rank)
-        return sum(r * (t.d_in + t.d_out) for t in layers)  # LoRA r on the same targets
+        return lora_params(layers, int(bcfg.lora_rank))  # LoRA at that rank on the same targets
     if kind == "absolute":
         return int(bcfg.params)
     raise UserError(f"budget.type={kind!r}; allowed: {list(BUDGET_TYPES)}")
@@ -38,7 +38,7 @@ def target_params(bcfg: Any, layers: list[TargetLayer]) -> int | None:
 def solve(method: Method, layers: list[TargetLayer], bcfg: Any, given_rank: int, num_experts: int = 1) -> BudgetResult:
     """Closest rank (multiple of num_experts) to the budget; a clear error when nothing is within tolerance."""
     target = target_params(bcfg, layers)
-    if method.name == "none":  # no adapter: no budget to meet (the rank stays the unused method.rank)
+    if not method.adapts:  # no adapter: no budget to meet (the rank stays the unused method.rank)
         return BudgetResult(bcfg.name, given_rank, None, 0, None)
     if target is None:
         return BudgetResult(bcfg.name, given_rank, None, method.param_count(layers, given_rank), None)

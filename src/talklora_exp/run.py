@@ -94,8 +94,8 @@ def build(cfg: DictConfig, accelerator: Accelerator | None = None) -> Built:
     res = budget_mod.solve(method, layers, cfg.budget, mcfg.rank, mcfg.num_experts)
     mcfg.rank = res.rank
     set_resolved(cfg, "method.rank", res.rank)
-    if hasattr(mcfg, "resolved_alpha"):
-        set_resolved(cfg, "method.alpha", mcfg.resolved_alpha())
+    for key, value in method.resolved().items():
+        set_resolved(cfg, f"method.{key}", value)
     heads = list(cfg.model.get("head_modules") or [])
     model = method.inject(model, targets, heads, task.kind)
     keep_heads_precise(model, heads, mcfg.adapter_dtype)
@@ -110,14 +110,15 @@ def build(cfg: DictConfig, accelerator: Accelerator | None = None) -> Built:
 def keep_heads_precise(model: torch.nn.Module, heads: list[str], adapter_dtype: str) -> None:
     """Trained head modules (classifier, pooler) follow the adapters' precision on a half-precision base: cast to it,
     with their inputs cast on the way in (the base hands them bf16 activations)."""
-    from .methods.base import DTYPES, adapter_param_dtype
+    from .methods.base import DTYPES
+    from .tuners.mixture import adapter_dtype_for
 
     floor = DTYPES[adapter_dtype]
     for name, mod in model.named_modules():
         if not any(name == h or name.endswith("." + h) for h in heads) or not any(True for _ in mod.parameters()):
             continue
         cur = next(mod.parameters()).dtype
-        dt = adapter_param_dtype(cur, floor)
+        dt = adapter_dtype_for(cur, floor)
         if dt == cur:
             continue
         mod.to(dt)

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import numpy as np
 
+from ..methods import METHODS
 from .collect import Run
 from .tables import GLUE_LABEL, GLUE_ORDER, METHOD_ORDER, by_seed, in_order, label
 
-COLORS = {"lora": "#4C72B0", "moelora": "#DD8452", "talklora": "#55A868", "dora": "#8172B3", "hira": "#937860",
-          "teamlora": "#DA8BC3"}  # fmt: skip
+COLORS = {m: cls.color for m, cls in METHODS.items() if cls.adapts}  # from the registry
 PALETTE = ["#8C8C8C", "#CCB974", "#64B5CD", "#C44E52", "#1F77B4", "#FF7F0E", "#2CA02C", "#9467BD"]
 
 

@@ -14,20 +14,20 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
+from ..methods import METHODS
 from .collect import Run
 
 # Display order and names of the known methods; any other method found in the runs is shown too, under its own name,
 # after these (nothing is ever dropped for being unknown).
-METHOD_ORDER = ["none", "lora", "dora", "hira", "moelora", "teamlora", "talklora"]
-METHOD_LABEL = {"none": "Zero-shot (no training)", "lora": "LoRA", "dora": "DoRA", "hira": "HiRA", "moelora": "MoELoRA",
-                "teamlora": "TeamLoRA", "talklora": "TalkLoRA"}  # fmt: skip
+METHOD_ORDER = list(METHODS)  # the registry's order; a method it does not know sorts last
 MARKS = ["†", "‡", "§", "¶", "♯", "♮", "♭"]  # one per baseline, in the order given
 TEX_MARKS = {"†": r"$^\dagger$", "‡": r"$^\ddagger$", "§": r"$^\S$", "¶": r"$^\P$", "♯": r"$^\sharp$",
              "♮": r"$^\natural$", "♭": r"$^\flat$", "↓": r"$^\downarrow$"}  # fmt: skip
 
 
 def label(method: str) -> str:
-    return METHOD_LABEL.get(method, method)
+    """A method's row name: the registry's label (read now, so a method registered later has its own), else its name."""
+    return METHODS[method].label if method in METHODS else method
 
 
 @dataclass

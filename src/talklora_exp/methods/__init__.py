@@ -1,6 +1,7 @@
-"""Method registry: `method.name` picks (method class, typed config class). Every method goes through peft; the
-mixtures' peft tuners live in `talklora_exp.tuners`. MoELoRA is TalkLoRA's layer with communication off. Adding a
-method = a peft config + a parameter formula (one module), a config file in conf/method, one line here."""
+"""Method registry: `method.name` -> the Method class (its peft config class, its parameter formula). Every method
+goes through peft; the mixtures' peft tuners live in `talklora_exp.tuners`. Adding a method = a peft config (peft's, or
+a tuner in `tuners/`), a `Method` subclass naming it, `conf/method/<name>.yaml`, and one line here. Everything that
+lists methods (configs, bench, tables, tests) reads `METHODS`."""
 
 from __future__ import annotations
 
@@ -8,21 +9,21 @@ from typing import Any
 
 from ..errors import UserError
 from .base import Method, TargetLayer, find_target_layers
-from .config import DoRAConfig, HiRAConfig, LoRAConfig, MethodConfig, MixtureConfig, NoneConfig, TeamLoRAConfig
+from .config import MethodConfig, parse
 from .hira import HiRAMethod
 from .lora import DoRAMethod, LoRAMethod
 from .none import NoneMethod
-from .talklora import MixtureMethod
+from .talklora import MoELoRAMethod, TalkLoRAMethod
 from .teamlora import TeamLoRAMethod
 
-METHODS: dict[str, tuple[type[Method], type[MethodConfig]]] = {
-    "lora": (LoRAMethod, LoRAConfig),
-    "moelora": (MixtureMethod, MixtureConfig),
-    "talklora": (MixtureMethod, MixtureConfig),
-    "teamlora": (TeamLoRAMethod, TeamLoRAConfig),
-    "hira": (HiRAMethod, HiRAConfig),
-    "dora": (DoRAMethod, DoRAConfig),
-    "none": (NoneMethod, NoneConfig),
+METHODS: dict[str, type[Method]] = {  # in the tables' row order
+    "none": NoneMethod,
+    "lora": LoRAMethod,
+    "dora": DoRAMethod,
+    "hira": HiRAMethod,
+    "moelora": MoELoRAMethod,
+    "teamlora": TeamLoRAMethod,
+    "talklora": TalkLoRAMethod,
 }
 
 
@@ -31,12 +32,12 @@ def method_config(cfg: Any) -> MethodConfig:
     name = cfg.get("name") if hasattr(cfg, "get") else None
     if name not in METHODS:
         raise UserError(f"method.name={name!r} unknown; valid: {sorted(METHODS)}")
-    return METHODS[name][1].from_dict(cfg)
+    return parse(cfg, METHODS[name])
 
 
 def build_method(cfg: Any) -> Method:
     typed = cfg if isinstance(cfg, MethodConfig) else method_config(cfg)
-    return METHODS[typed.name][0](typed)
+    return METHODS[typed.name](typed)
 
 
 __all__ = ["METHODS", "Method", "MethodConfig", "TargetLayer", "build_method", "find_target_layers", "method_config"]

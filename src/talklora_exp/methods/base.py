@@ -1,8 +1,10 @@
 """The one adapter path every method takes: a peft config, `get_peft_model`, peft's save and load. A method supplies
-only its peft config and its parameter formula (the budget solver needs counts before a model exists)."""
+only its peft config class (with how yaml keys name its fields) and its parameter formula (the budget solver needs
+counts before a model exists)."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from dataclasses import dataclass
@@ -13,16 +15,12 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from ..tuners.mixture import mixture_layers, proj_type
+from ..tuners.mixture import adapter_dtype_for, mixture_layers, proj_type
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
 TASK_TYPES = {"seq_cls": "SEQ_CLS", "causal": "CAUSAL_LM"}  # any other task kind: a bare PeftModel
-
-
-def adapter_param_dtype(base: torch.dtype, floor: torch.dtype) -> torch.dtype:
-    """Adapters are kept at least at `method.adapter_dtype` (fp32 by default, as upstream, whose adapters are fp32 on
-    a bf16 base); a wider base (fp32, or fp64 in the exactness tests) keeps its own dtype."""
-    return base if base.itemsize >= floor.itemsize else floor
+# peft config fields the trainer sets (never a yaml key): the rank, the expert count, targets and heads
+MANAGED = {"r", "num_experts", "target_modules", "exclude_modules", "modules_to_save"}
 
 
 @dataclass(frozen=True)
@@ -126,20 +124,55 @@ def _is_head_param(name: str) -> bool:
 
 
 class Method:
-    """A PEFT method through peft: `peft_config` and `param_count` differ per method; the rest is shared."""
+    """A PEFT method through peft. A subclass names its peft config class and, where yaml keys differ from its fields,
+    the renames; it supplies `param_count`. Injection, saving, loading and training hooks are shared."""
 
     name: str = ""
+    label: str = ""  # the tables' row name
+    color: str = "#8C8C8C"  # the plots' colour
+    config_cls: type | None = None  # the method's peft config: its only typed config (None: no adapter)
+    renames: dict[str, str] = {"rank": "r"}  # yaml key -> peft config field, where they differ
+    fixed: dict[str, Any] = {}  # peft config fields the method sets itself (DoRA: use_dora=True)
+    inert: tuple[str, ...] = ()  # yaml keys accepted and unused (method=none's dropout)
     routed = False  # True: the layers route tokens (routing statistics, balance loss)
+    adapts = True  # False: no adapter, so no parameter budget (method=none)
 
     def __init__(self, cfg: Any):
-        self.cfg = cfg
+        self.cfg = cfg  # a methods.config.MethodConfig
+
+    @classmethod
+    def yaml_fields(cls) -> dict[str, str]:
+        """The method's own yaml keys -> type (a peft config field's annotation): the config's fields beyond what
+        every peft config has and what the trainer sets (targets, heads, the rank, the expert count)."""
+        if cls.config_cls is None:
+            return {}
+        from peft.config import PeftConfig
+
+        common = {f.name for f in dataclasses.fields(PeftConfig)} | MANAGED
+        back = {v: k for k, v in cls.renames.items()}
+        return {back.get(f.name, f.name): str(f.type) for f in dataclasses.fields(cls.config_cls)
+                if f.name not in common and f.name not in cls.fixed}  # fmt: skip
+
+    @classmethod
+    def resolve(cls, options: dict[str, Any], rank: int) -> dict[str, Any]:
+        """Options as the peft config gets them once the rank is known (LoRA: alpha null -> 2 x rank); also where a
+        rule the peft config does not check itself is checked."""
+        return dict(options)
+
+    def resolved(self) -> dict[str, Any]:
+        """Yaml keys whose value the rank decides, recorded in the run's config (LoRA's alpha)."""
+        return {}
 
     def param_count(self, layers: list[TargetLayer], rank: int) -> int:
         """Adapter parameters by formula (tests check it against the peft model)."""
         raise NotImplementedError
 
     def peft_config(self, targets: list[str], head_modules: list[str], task_kind: str) -> Any:
-        raise NotImplementedError
+        from .config import build_peft_config
+
+        c = self.cfg
+        return build_peft_config(type(self), c.options, c.rank, c.num_experts,
+                                 **self.common(targets, head_modules, task_kind))  # fmt: skip
 
     def common(self, targets: list[str], head_modules: list[str], task_kind: str) -> dict[str, Any]:
         """The peft config fields every method sets the same way."""
@@ -152,12 +185,7 @@ class Method:
 
         find_target_layers(model, targets)  # the clear error when nothing matches
         c = self.cfg
-        if c.rank % c.num_experts:
-            raise UserError(f"method.rank={c.rank} is not divisible by method.num_experts={c.num_experts}")
-        try:
-            config = self.peft_config(targets, head_modules, task_kind)
-        except ValueError as e:  # the peft config's own checks
-            raise UserError(f"method={c.name}: {e}") from None
+        config = self.peft_config(targets, head_modules, task_kind)  # its checks: one line (methods.config)
         floor = DTYPES[c.adapter_dtype]
         # peft keeps adapters in fp32 on a half-precision base unless asked not to (adapter_dtype)
         try:
@@ -166,14 +194,14 @@ class Method:
             raise UserError(f"method={c.name}: {str(e).splitlines()[0]}") from None
         if floor != torch.float32:  # the mixtures create fp32 adapters: narrow them as asked
             for n, p in model.named_parameters():
-                if p.requires_grad and not _is_head_param(n) and p.dtype != (dt := adapter_param_dtype(p.dtype, floor)):
+                if p.requires_grad and not _is_head_param(n) and p.dtype != (dt := adapter_dtype_for(p.dtype, floor)):
                     p.data = p.data.to(dt)
         return model
 
     def hooks(self, model: nn.Module) -> TrainHooks:
         if not self.routed:
             return TrainHooks()
-        return RoutedHooks(mixture_layers(model), float(getattr(self.cfg, "balance_loss", 0.0)))
+        return RoutedHooks(mixture_layers(model), float(self.cfg.options.get("balance_loss", 0.0)))
 
     def adapter_param_names(self, model: nn.Module) -> list[str]:
         """Trainable parameters that are not task heads (the budget counts these)."""
@@ -223,5 +251,5 @@ def get_parent(model: nn.Module, path: str) -> tuple[nn.Module, str]:
     return (model.get_submodule(parent_path) if parent_path else model), child
 
 
-__all__ = ["DTYPES", "Method", "RoutedHooks", "TargetLayer", "TrainHooks", "adapter_param_dtype", "find_target_layers",
+__all__ = ["DTYPES", "Method", "RoutedHooks", "TargetLayer", "TrainHooks", "find_target_layers",
            "get_parent", "switch_balance_loss"]  # fmt: skip

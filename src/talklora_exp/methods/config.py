@@ -1,16 +1,23 @@
-"""Typed method configs: one dataclass per method, built from `conf/method/<name>.yaml` and validated once, with
-one-line errors naming the key, the value and what is allowed. The trainer, the budget solver, the bench and the tests
-all use these (never a retyped dict)."""
+"""A method's config as the trainer holds it: the four keys every `conf/method/<name>.yaml` has for the trainer
+(name, rank, num_experts, adapter_dtype), and `options`, every other key, which are the fields of the method's peft
+config (`Method.config_cls`: TalkLoRAConfig, peft's LoraConfig, ...). That peft config is the only typed
+description of a method: its field types coerce the yaml values, its `__post_init__` validates them (once), its
+defaults fill keys a yaml leaves out. Errors are one line naming `method.<key>`, the value and what is allowed."""
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, fields
-from typing import Any, ClassVar
+import re
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from ..choices import ADAPTER_DTYPES
 from ..errors import UserError
-from ..tuners.talklora import ROUTER_INPUTS, TALK_MODES
+
+if TYPE_CHECKING:
+    from .base import Method
+
+TRAINER_KEYS = ("name", "rank", "num_experts", "adapter_dtype")
 
 
 def _fail(key: str, value: Any, allowed: str) -> UserError:
@@ -19,55 +26,75 @@ def _fail(key: str, value: Any, allowed: str) -> UserError:
 
 @dataclass
 class MethodConfig:
+    """The trainer's keys, typed, and the method's own options (peft config field -> value, defaults filled in)."""
+
     name: str
-    rank: int = 8
-    dropout: float = 0.05
+    rank: int
     num_experts: int = 1  # budget solving searches ranks that are multiples of this
     adapter_dtype: str = "fp32"  # adapters are kept at least this precise (upstream: fp32 adapters on a bf16 base)
-
-    choices: ClassVar[dict[str, tuple]] = {"adapter_dtype": ADAPTER_DTYPES}
-
-    @classmethod
-    def from_dict(cls, d: Any) -> MethodConfig:
-        """Coerce and validate a config mapping (a DictConfig or dict); unknown keys are an error."""
-        d = dict(d)
-        known = {f.name: f for f in fields(cls)}
-        unknown = sorted(set(d) - set(known))
-        if unknown:
-            raise UserError(f"method={d.get('name')}: unknown key(s) {unknown}; {cls.__name__} has {sorted(known)}")
-        kw = {}
-        for name, f in known.items():
-            if name not in d:
-                continue
-            kw[name] = _coerce(name, d[name], f.type)
-        cfg = cls(**kw)
-        cfg.validate()
-        return cfg
-
-    def validate(self) -> None:
-        if self.rank < 1:
-            raise _fail("rank", self.rank, "a positive integer")
-        if self.num_experts < 1:
-            raise _fail("num_experts", self.num_experts, "a positive integer")
-        if not 0.0 <= self.dropout < 1.0:
-            raise _fail("dropout", self.dropout, "a probability in [0, 1)")
-        for key, allowed in self.choices.items():
-            if getattr(self, key) not in allowed:
-                raise _fail(key, getattr(self, key), str(list(allowed)))
+    options: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
-def _coerce(key: str, value: Any, typ: Any) -> Any:
+def parse(d: Any, method: type[Method]) -> MethodConfig:
+    """Coerce and validate a `method` mapping (a DictConfig or dict) for `method`; unknown keys are an error."""
+    d = dict(d)
+    name = d.get("name")
+    settable = method.yaml_fields()
+    unknown = sorted(set(d) - set(TRAINER_KEYS) - set(settable) - set(method.inert))
+    if unknown:
+        raise UserError(f"method={name}: unknown key(s) {unknown}; its keys are {sorted([*TRAINER_KEYS, *settable])}")
+    rank = _coerce("rank", d.get("rank", 8), "int")
+    experts = _coerce("num_experts", d.get("num_experts", 1), "int")
+    for key, value in (("rank", rank), ("num_experts", experts)):
+        if value < 1:
+            raise _fail(key, value, "a positive integer")
+    dtype = d.get("adapter_dtype", "fp32")
+    if dtype not in ADAPTER_DTYPES:
+        raise _fail("adapter_dtype", dtype, str(list(ADAPTER_DTYPES)))
+    given = {key: _coerce(key, d[key], typ) for key, typ in settable.items() if key in d}
+    cfg = MethodConfig(name=name, rank=rank, num_experts=experts, adapter_dtype=dtype)
+    if method.config_cls is None:
+        return cfg
+    # rank % num_experts is checked where the rank is final (after budget solving): validate with a rank that fits
+    probe_rank = rank if rank % experts == 0 else experts
+    probe = build_peft_config(method, given, probe_rank, experts)
+    cfg.options = {**{k: getattr(probe, method.renames.get(k, k)) for k in settable}, **given}
+    return cfg
+
+
+def build_peft_config(method: type[Method], options: dict[str, Any], rank: int, num_experts: int,
+                      **managed: Any) -> Any:  # fmt: skip
+    """The method's peft config from yaml-named options; its own ValueError becomes one line in yaml names."""
+    kw = {method.renames.get(k, k): v for k, v in method.resolve(options, rank).items()}
+    kw["r"] = rank
+    if "num_experts" in {f.name for f in dataclasses.fields(method.config_cls)}:
+        kw["num_experts"] = num_experts
+    try:
+        return method.config_cls(**kw, **method.fixed, **managed)
+    except (ValueError, TypeError) as e:
+        raise UserError(yaml_names(str(e).splitlines()[0], method)) from None
+
+
+def yaml_names(msg: str, method: type[Method]) -> str:
+    """A peft config's message in the yaml's names: `r=6 is not divisible by num_experts=4` ->
+    `method.rank=6 is not divisible by method.num_experts=4`."""
+    back = {v: k for k, v in method.renames.items()}
+    fields = {f.name for f in dataclasses.fields(method.config_cls)}
+    out = re.sub(r"\b([a-z_]+)=", lambda m: f"method.{back.get(m[1], m[1])}=" if m[1] in fields else m[0], msg)
+    return out if out.startswith("method.") else f"method={method.name}: {out}"
+
+
+def _coerce(key: str, value: Any, typ: str) -> Any:
     """Hydra hands CLI values over as parsed YAML; accept ints for floats, reject everything else with one line."""
-    t = typ if isinstance(typ, str) else getattr(typ, "__name__", str(typ))
-    optional = "None" in t
+    optional = "None" in typ or "Optional" in typ
     if value is None:
         if optional:
             return None
-        raise _fail(key, value, f"a value of type {t.replace(' | None', '')}")
-    base = t.replace(" | None", "")
+        raise _fail(key, value, f"a value of type {typ}")
+    base = re.sub(r"\s*\|\s*None|Optional\[(.*)\]", r"\1", typ).strip()
     if base == "bool":
         if isinstance(value, bool):
             return value
@@ -85,91 +112,3 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
             raise _fail(key, value, "a string")
         return value
     return value
-
-
-@dataclass
-class LoRAConfig(MethodConfig):
-    """peft LoRA. alpha null = 2 x rank (the LLM-Adapters / DoRA convention: r=32 -> alpha 64), resolved after the
-    budget picks the rank."""
-
-    alpha: float | None = None
-
-    def validate(self) -> None:
-        super().validate()
-        if self.alpha is not None and self.alpha <= 0:
-            raise _fail("alpha", self.alpha, "a positive number, or null for 2 x rank")
-
-    def resolved_alpha(self) -> float:
-        return float(self.alpha) if self.alpha is not None else 2.0 * self.rank
-
-
-@dataclass
-class MixtureConfig(MethodConfig):
-    """MoELoRA and TalkLoRA (one layer; the fields pick the variant). See tuners/talklora.py."""
-
-    rank: int = 32
-    num_experts: int = 4
-    alpha: float = 64.0  # only used when scaling=true
-    scaling: bool = False
-    share_b: bool = False
-    talk: str = "off"
-    expert_mixer: bool = False
-    router_input: str = "x"
-    top_k: int | None = None
-    balance_loss: float = 0.0
-
-    choices: ClassVar[dict[str, tuple]] = {
-        **MethodConfig.choices,
-        "talk": TALK_MODES,
-        "router_input": ROUTER_INPUTS,
-    }
-
-    def validate(self) -> None:
-        super().validate()  # rank % num_experts is checked where the rank is final (after budget solving)
-        if self.top_k is not None and not 1 <= self.top_k <= self.num_experts:
-            raise _fail("top_k", self.top_k, f"null or an integer in [1, {self.num_experts}]")
-        if self.balance_loss < 0:
-            raise _fail("balance_loss", self.balance_loss, "a number >= 0")
-        if self.alpha <= 0:
-            raise _fail("alpha", self.alpha, "a positive number")
-
-
-@dataclass
-class DoRAConfig(LoRAConfig):
-    """DoRA through peft (LoraConfig(use_dora=True)): LoRA plus a learned magnitude per output feature."""
-
-
-@dataclass
-class HiRAConfig(MethodConfig):
-    """HiRA (Huang et al., ICLR 2025) as peft's HiraConfig: W0 o (1 + BA). No dropout in the reference code (a flag,
-    default off); no scaling (peft's layer has none)."""
-
-    dropout: float = 0.0
-
-
-@dataclass
-class TeamLoRAConfig(MethodConfig):
-    """TeamLoRA as upstream ships it (compiled-only in the TalkLoRA code base): shared A, per-expert B_i, router on x,
-    an E x E interaction W_I mixing the gates, renormalised. The official TeamLoRA code's differences are flags."""
-
-    rank: int = 32
-    num_experts: int = 4
-    alpha: float = 64.0  # s = alpha / r scales A x (upstream applies it)
-    scale_per_expert: bool = False  # official TeamLoRA: alpha / (r / E) instead of alpha / r
-    times_experts: bool = False  # official TeamLoRA: the update multiplied by E
-    balance_loss: float = 0.0  # official TeamLoRA adds a load-balancing loss (Switch-style here)
-
-    def validate(self) -> None:
-        super().validate()
-        if self.alpha <= 0:
-            raise _fail("alpha", self.alpha, "a positive number")
-        if self.balance_loss < 0:
-            raise _fail("balance_loss", self.balance_loss, "a number >= 0")
-
-
-@dataclass
-class NoneConfig(MethodConfig):
-    """`method=none`: no adapter, no training (the zero-shot row). Its fields exist only so every method config has
-    the same shape; none of them acts."""
-
-    dropout: float = 0.0

@@ -4,7 +4,6 @@ answer extraction as every method, so a generation table shows what fine-tuning 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 from torch import nn
 
@@ -14,6 +13,9 @@ from .base import Method, TargetLayer
 
 class NoneMethod(Method):
     name = "none"
+    label, color = "Zero-shot (no training)", "#8C8C8C"
+    inert = ("dropout",)  # the yaml keeps every method's shape; nothing acts
+    adapts = False
 
     def param_count(self, layers: list[TargetLayer], rank: int) -> int:
         return 0
@@ -33,6 +35,3 @@ class NoneMethod(Method):
 
     def adapter_param_names(self, model: nn.Module) -> list[str]:
         return []
-
-    def peft_config(self, targets: list[str], head_modules: list[str], task_kind: str) -> Any:
-        raise NotImplementedError("method=none has no adapter")

@@ -112,6 +112,27 @@ def swap_teamlora_to_loop(model: nn.Module) -> nn.Module:
     return _swap(model, TeamLoRAExperts, LoopTeamLoRALinear)
 
 
+LOOP_TWINS: dict[type, type] = {TalkLoRAExperts: LoopTalkLoRALinear, TeamLoRAExperts: LoopTeamLoRALinear}
+
+
+def loop_twin_of(model: nn.Module) -> type | None:
+    """The experts type in `model` that has a literal loop twin (None: no mixture layer with one): how the bench finds
+    a method's loop baseline without a list of method names."""
+    for mod in model.modules():
+        if isinstance(mod, MixtureLayer):
+            t = type(mod.experts[mod.active_adapters[0]])
+            if t in LOOP_TWINS:
+                return t
+    return None
+
+
+def swap_any_to_loop(model: nn.Module) -> nn.Module:
+    """Every mixture layer with a loop twin replaced by it (weights copied)."""
+    for experts_type, twin in LOOP_TWINS.items():
+        _swap(model, experts_type, twin)
+    return model
+
+
 class DirectMixture(nn.Module):
     """A mixture layer without peft's per-adapter dispatch: base(x) + experts(x), the layer as it was before the
     mixtures became peft tuners. The bench times it beside the tuner layer: the difference is what the dispatch costs."""

@@ -24,10 +24,10 @@ def kaiming(t: torch.Tensor) -> torch.Tensor:
     return nn.init.kaiming_uniform_(t, a=math.sqrt(5))
 
 
-def adapter_dtype_for(base: torch.dtype) -> torch.dtype:
-    """Adapters are fp32 on a half-precision base (upstream's fp32 adapters on a bf16 model); a wider base (fp64 in
-    the exactness tests) keeps its own dtype."""
-    return base if base.itemsize >= torch.float32.itemsize else torch.float32
+def adapter_dtype_for(base: torch.dtype, floor: torch.dtype = torch.float32) -> torch.dtype:
+    """Adapters are kept at least at `floor` (fp32, as upstream's fp32 adapters on a bf16 model; the trainer's
+    `method.adapter_dtype`); a wider base (fp32, or fp64 in the exactness tests) keeps its own dtype."""
+    return base if base.itemsize >= floor.itemsize else floor
 
 
 def proj_type(path: str) -> str:

@@ -26,7 +26,7 @@ tests check both agree for every flag.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -60,19 +60,17 @@ class TalkLoRAConfig(PeftConfig):
     modules_to_save: list[str] | None = field(default=None, metadata={"help": "as LoraConfig.modules_to_save"})
 
     peft_type_name = "TALKLORA"
+    choices: ClassVar[dict[str, tuple]] = {"talk": TALK_MODES, "router_input": ROUTER_INPUTS}  # docs/choices.md
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = self.peft_type_name
         check_mixture_fields(self)
-        if self.talk not in TALK_MODES:
-            raise ValueError(f"talk={self.talk!r}; allowed: {list(TALK_MODES)}")
-        if self.router_input not in ROUTER_INPUTS:
-            raise ValueError(f"router_input={self.router_input!r}; allowed: {list(ROUTER_INPUTS)}")
+        for key, allowed in self.choices.items():
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"{key}={getattr(self, key)!r}; allowed: {list(allowed)}")
         if self.top_k is not None and not 1 <= self.top_k <= self.num_experts:
-            raise ValueError(f"top_k={self.top_k}; allowed: None or an integer in [1, {self.num_experts}]")
-        if self.alpha <= 0:
-            raise ValueError(f"alpha={self.alpha}; allowed: a positive number")
+            raise ValueError(f"top_k={self.top_k}; allowed: null (None) or an integer in [1, {self.num_experts}]")
 
 
 @dataclass
@@ -95,8 +93,10 @@ def check_mixture_fields(c: Any) -> None:
         raise ValueError(f"r={c.r} is not divisible by num_experts={c.num_experts}")
     if not 0.0 <= c.dropout < 1.0:
         raise ValueError(f"dropout={c.dropout}; allowed: a probability in [0, 1)")
-    if getattr(c, "balance_loss", 0.0) < 0:
+    if c.balance_loss < 0:
         raise ValueError(f"balance_loss={c.balance_loss}; allowed: a number >= 0")
+    if c.alpha <= 0:
+        raise ValueError(f"alpha={c.alpha}; allowed: a positive number")
 
 
 class TalkLoRAExperts(nn.Module, Routed):

@@ -44,8 +44,6 @@ class TeamLoRAConfig(PeftConfig):
         super().__post_init__()
         self.peft_type = "TEAMLORA"
         check_mixture_fields(self)
-        if self.alpha <= 0:
-            raise ValueError(f"alpha={self.alpha}; allowed: a positive number")
 
 
 class TeamLoRAExperts(nn.Module, Routed):
