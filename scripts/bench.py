@@ -154,7 +154,7 @@ def bench_adapters(base, batch, device, configs, steps: int, warmup: int, method
                    "ratio_vs_lora": round(med[name] / med["lora"], 4),
                    "ratio_vs_loop": round(med[name] / med[f"{name}_loop"], 4) if name in looped else None,
                    "loop_ratio_vs_lora": round(med[f"{name}_loop"] / med["lora"], 4) if name in looped else None,
-                   # the peft tuner layer against its experts called directly (the layer before the peft move)
+                   # the peft tuner layer against its experts called directly: what peft's per-adapter dispatch costs
                    "ratio_vs_direct": round(med[name] / med[f"{name}_direct"], 4) if name in looped else None,
                    "direct_ratio_vs_lora": round(med[f"{name}_direct"] / med["lora"], 4) if name in looped else None,
                    "peak_mem_ratio_vs_lora": round(mem[name] / mem["lora"], 4),

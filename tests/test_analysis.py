@@ -246,11 +246,15 @@ def test_every_preset_grid_dry_runs(preset, capsys):
     # (a preset without a sweep, such as quickstart, dry-runs as one job)
     seeds = str(params.get("seed", "")).split(",")
     rows, code = dry_run([f"experiment={preset}"] + ([f"seed={seeds[0].strip()}"] if "seed" in params else []))
-    out = capsys.readouterr().out.strip().splitlines()
+    cap = capsys.readouterr()
+    out = cap.out.strip().splitlines()
     expected = 1
     for k, v in params.items():
         expected *= 1 if k == "seed" else len(str(v).split(","))
-    assert code == 0 and len(rows) == expected and out[-1] == f"{expected} jobs, {expected} OK", out[-3:]
+    assert code == 0 and len(rows) == expected and out[-1] == f"{expected} jobs, {expected} OK", (
+        out[-3:],
+        cap.err[-2000:],
+    )
     assert all(r["rank"] > 0 and r["adapter_params"] > 0 and r["memory"]["total_gb"] > 0 for r in rows)
     assert len({tuple(r["overrides"]) for r in rows}) == expected
 

@@ -24,5 +24,8 @@ def test_paper_shape_bench_runs_on_cpu(tmp_path):
     assert out["layers"] == 1 and out["device"] == "cpu" and out["batch"] == [1, 24]
     (row,) = out["rows"]
     assert row["method"] == "talklora" and row["rank"] == 32 and row["experts"] == 4
-    assert row["ratio_vs_lora"] > 0 and row["ratio_vs_loop"] > 0 and row["estimated_peak_gb"] > 0
-    assert out["lora_estimated_peak_gb"] > 0
+    # the ratios are the medians' ratios, and the three of them are consistent (each is a median of the same steps)
+    assert row["ratio_vs_lora"] == pytest.approx(row["step_ms"] / row["lora_step_ms"], rel=2e-3)
+    assert row["ratio_vs_loop"] * row["loop_ratio_vs_lora"] == pytest.approx(row["ratio_vs_lora"], rel=1e-3)
+    # memory estimates: TalkLoRA at r=32 holds more adapter state than LoRA at r=8 on the same base, never less
+    assert row["estimated_peak_gb"] >= out["lora_estimated_peak_gb"] > 0

@@ -108,14 +108,34 @@ def test_hand_computed_talk_identity_keeps_t_at_the_identity():
      {"scaling": True}, {"num_experts": 2}, {"num_experts": 8}, MOE],
 )  # fmt: skip
 def test_vectorized_equals_per_expert_loop(over):
+    """float64, so the only difference left is the summation order (the README's claim: ~1e-13)."""
     cfg = {**TALK, **over}
     _, model = inject(cfg)
     randomize(model)
-    model.eval()
-    x = torch.randn(2, 5, 6)
+    model = model.double().eval()
+    x = torch.randn(2, 5, 6, dtype=torch.float64)
     fast = model(x)
     slow = swap_to_loop(model)(x)
-    torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fast, slow, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("cfg", [TALK, MOE], ids=["talklora", "moelora"])
+def test_dropout_at_upstreams_three_places_equals_the_loop(cfg):
+    """Training mode, dropout p=0.3: the same seed gives the same masks on x, on the gates and on the weighted sum in
+    the vectorised layer and in the literal loop (upstream's order), so the outputs agree in float64. Dropping any of
+    the three, or moving one, changes the masks and the output."""
+    _, model = inject({**cfg, "dropout": 0.3})
+    randomize(model)
+    model = model.double().train()
+    slow_model = swap_to_loop(copy.deepcopy(model)).train()
+    x = torch.randn(2, 5, 6, dtype=torch.float64)
+    torch.manual_seed(5)
+    fast = model(x)
+    torch.manual_seed(5)
+    slow = slow_model(x)
+    torch.testing.assert_close(fast, slow, rtol=1e-12, atol=1e-12)
+    with torch.no_grad():
+        assert not torch.allclose(fast, model.eval()(x))  # the dropout acted
 
 
 def test_one_expert_moelora_equals_peft_lora():

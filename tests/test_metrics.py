@@ -35,7 +35,19 @@ def test_pearson_spearman_hand_computed():
     assert math.isnan(M.pearson([1.0, 1.0, 1.0], [1.0, 2.0, 3.0]))  # undefined, never silently 0
 
 
-def test_every_glue_task_has_metrics_and_best_is_nan_safe():
-    assert set(M.GLUE_METRICS) == {"cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "rte", "wnli"}
-    assert M.GLUE_METRICS["cola"] == ("matthews_correlation",)
+# The GLUE paper's metric per task (Wang et al., ICLR 2019, Table 1), written out here, not read from the code
+GLUE_PAPER = {"cola": "Matthews corr.", "sst2": "acc.", "mrpc": "acc./F1", "stsb": "Pearson/Spearman corr.",
+              "qqp": "acc./F1", "mnli": "matched acc./mismatched acc.", "qnli": "acc.", "rte": "acc.", "wnli": "acc."}  # fmt: skip
+PAPER_NAMES = {"Matthews corr.": ("matthews_correlation",), "acc.": ("accuracy",), "acc./F1": ("accuracy", "f1"),
+               "Pearson/Spearman corr.": ("pearson", "spearman"),
+               "matched acc./mismatched acc.": ("accuracy",)}  # MNLI: accuracy on each dev set  # fmt: skip
+
+
+def test_every_glue_task_reports_the_glue_papers_metrics_and_best_is_nan_safe():
+    assert {t: M.GLUE_METRICS[t] for t in GLUE_PAPER} == {t: PAPER_NAMES[m] for t, m in GLUE_PAPER.items()}
+    assert set(M.GLUE_METRICS) == set(GLUE_PAPER)
+    # compute() on the hand-computed case above: MRPC's pair of numbers, literal
+    assert M.compute(M.GLUE_METRICS["mrpc"], [1, 0, 1, 1, 0], [1, 0, 0, 1, 1], prefix="dev_") == pytest.approx(
+        {"dev_accuracy": 0.6, "dev_f1": 2 / 3}
+    )
     assert M.is_better(0.5, None) and not M.is_better(float("nan"), 0.1) and M.is_better(0.2, float("nan"))

@@ -10,7 +10,7 @@ from conftest import compose_cfg
 
 from talklora_exp import identity
 from talklora_exp.errors import UserError
-from talklora_exp.models import CosineHead, SiameseHead, fit_cosine_head
+from talklora_exp.heads import CosineHead, SiameseHead, fit_cosine_head
 from talklora_exp.tasks.glue import SiameseCollator
 
 
@@ -236,8 +236,8 @@ def test_mean_pooling_ignores_padding_under_every_method(method):
     padding). Tiny random BERT, so no download."""
     from transformers import BertConfig, BertForSequenceClassification
 
+    from talklora_exp.heads import apply_pooling
     from talklora_exp.methods import build_method
-    from talklora_exp.models import apply_pooling
 
     torch.manual_seed(0)
     conf = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,

@@ -9,6 +9,7 @@ RESUME = (None, "auto")  # trainer.resume
 MODEL_DTYPES = ("auto", "bf16", "fp16", "fp32")  # model.dtype
 POOLING = ("cls", "mean")  # model.pooling
 PAIR_ENCODINGS = ("cross", "siamese", "cosine")  # model.pair_encoding
+TWO_TOWER = ("siamese", "cosine")  # the pair encodings that encode each sentence of a pair as its own row
 PROMPT_TRUNCATION = ("left", "right")  # task.prompt_truncation
 BUDGET_TYPES = ("none", "relative", "absolute")  # budget.type
 LOGGER_MODES = ("offline", "online", "disabled")  # logger.mode (wandb)

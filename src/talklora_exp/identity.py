@@ -55,7 +55,7 @@ ADDED_WITH_DEFAULT: dict[str, Any] = {
 # identity, so runs made before the fix never match it again: a sweep stops on them (naming the fix) instead of
 # reusing their numbers, and the analysis never averages them with runs made after it.
 RESULT_FIXES: dict[str, Callable[[dict[str, Any]], bool]] = {
-    # models.apply_pooling: LoRA/DoRA train the pooler through peft's modules_to_save copy, which never saw the
+    # heads.apply_pooling: LoRA/DoRA train the pooler through peft's modules_to_save copy, which never saw the
     # attention mask, so their mean pooling ran over the padding
     "mean_pool_mask_under_peft": lambda c: (
         c.get("method.name") in ("lora", "dora") and c.get("model.pooling") == "mean"

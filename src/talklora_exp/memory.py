@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from .models import TWO_TOWER
+from .choices import TWO_TOWER
 
 GiB = 1024**3
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}

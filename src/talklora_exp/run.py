@@ -22,9 +22,10 @@ from . import budget as budget_mod
 from . import checkpoint as ckpt
 from . import engines
 from .errors import UserError
+from .heads import fit_cosine_head
 from .identity import IDENTITY_FILE, identity, mismatch_error, read_identity, same_config
 from .methods import build_method, find_target_layers, method_config
-from .models import fit_cosine_head, load_model, load_tokenizer
+from .models import load_model, load_tokenizer
 from .record import RunRecord
 from .rundir import (
     RunDirBusy,

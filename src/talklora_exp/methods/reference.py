@@ -134,8 +134,8 @@ def swap_any_to_loop(model: nn.Module) -> nn.Module:
 
 
 class DirectMixture(nn.Module):
-    """A mixture layer without peft's per-adapter dispatch: base(x) + experts(x), the layer as it was before the
-    mixtures became peft tuners. The bench times it beside the tuner layer: the difference is what the dispatch costs."""
+    """A mixture layer without peft's per-adapter dispatch: base(x) + experts(x). The bench times it beside the tuner
+    layer: the difference is what the dispatch costs."""
 
     def __init__(self, layer: MixtureLayer):
         super().__init__()

@@ -11,9 +11,9 @@ from typing import Any
 
 import torch
 
+from ..choices import TWO_TOWER
 from ..data import describe_search, find_local, iter_lines
 from ..errors import UserError
-from ..models import TWO_TOWER
 from . import metrics as M
 from .base import EvalResult, Split, Task, TaskData, split_and_cap
 
