@@ -109,7 +109,7 @@ def train_steps(method: str, mp: str, steps: int, warmup: int, args) -> dict:
     torch.manual_seed(1)
     AcceleratorState._reset_state(reset_partial_state=True)  # one process measures several precisions
     acc = Accelerator(mixed_precision=mp, cpu=True)
-    b = build(cfg, acc)
+    b = build(cfg)
     data = load_data(cfg, b.task, b.tokenizer)
     g = torch.Generator().manual_seed(1)
     bs = int(cfg.trainer.batch_size)
@@ -149,7 +149,7 @@ def eval_cost(decoding: str, per_set: int, batch: int, args) -> dict:
     cfg = compose(base_overrides("lora", 1, 16, per_set, "greedy" if protocol else decoding, protocol))
     AcceleratorState._reset_state(reset_partial_state=True)
     acc = Accelerator(cpu=True)
-    b = build(cfg, acc)
+    b = build(cfg)
     data = load_data(cfg, b.task, b.tokenizer)
     collate = b.task.collator(b.tokenizer)
     loaders = {k: DataLoader(v, batch_size=batch, collate_fn=collate) for k, v in data.evals.items()}

@@ -151,3 +151,14 @@ def test_choices_page_is_generated_from_the_code():
     text = (ROOT / "docs" / "choices.md").read_text()
     assert "| `trainer.select` | `val_from_train`, `best_dev`, `last` | all |" in text
     assert "| `method.talk` | `learned`, `identity`, `off` | `moelora`, `talklora` |" in text
+
+
+def test_the_quickstart_numbers_the_docs_quote_are_the_presets():
+    """README and docs/tables.md describe `make run` by its subsample and learning rate: they must be the preset's."""
+    from omegaconf import OmegaConf
+
+    t = OmegaConf.load(ROOT / "conf" / "experiment" / "quickstart.yaml").trainer
+    row = next(x for x in (ROOT / "docs" / "tables.md").read_text().splitlines() if x.startswith("| `quickstart`"))
+    n, lr = re.search(r"over a (\d+)-example subsample, lr ([\d.e-]+)", row).groups()
+    assert int(n) == t.max_train_samples and float(lr) == t.lr
+    assert f"a stated {t.max_train_samples}-example subsample" in (ROOT / "README.md").read_text()

@@ -105,7 +105,7 @@ def load_run(run_dir: Path, overrides: list[str] | None = None, trust_remote_cod
     acc = Accelerator(
         mixed_precision=resolve_mixed_precision(str(tcfg.mixed_precision), bool(tcfg.cpu)), cpu=bool(tcfg.cpu)
     )
-    b = build(cfg, acc)
+    b = build(cfg)
     model = b.model if zero_shot else _load_adapter(b.method, b.model, run_dir / "adapter")
     return LoadedRun(run_dir, cfg, acc, b, model, split)
 

@@ -74,7 +74,7 @@ class Built:
     layers: list  # the adapted layers (TargetLayer)
 
 
-def build(cfg: DictConfig, accelerator: Accelerator | None = None) -> Built:
+def build(cfg: DictConfig) -> Built:
     """Task, tokenizer, model with adapters injected (rank from the budget), method and data."""
     validate_config(cfg)
     mcfg = method_config(cfg.method)
@@ -326,7 +326,7 @@ def _claim(run_dir: Path, ident: dict, resume_state: dict | None, on_claim: Call
 def _build_and_load(cfg: DictConfig, acc: Accelerator, run_dir: Path, hashes: dict) -> tuple[Built, Any]:
     """Model, method and data; a bad input is recorded as a failed run (nothing claims completion) and re-raised."""
     try:
-        b = build(cfg, acc)
+        b = build(cfg)
         if acc.is_main_process:
             atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
         return b, load_data(cfg, b.task, b.tokenizer)
