@@ -92,3 +92,43 @@ def test_a_corrupt_metrics_json_is_never_redone_over(glue_dir: Path, tmp_path: P
     assert "metrics.json is not a run record" in err and "overwrite=true" in err
     after = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.name not in (".lock", ".hydra", "talklora_exp.log")}
     assert after == before
+
+
+def test_a_data_dir_that_is_a_file_is_named_as_a_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    from talklora_exp.data import data_dirs
+    from talklora_exp.errors import UserError
+
+    f = tmp_path / "data.tar"
+    f.write_text("not a folder")
+    monkeypatch.delenv("TALKLORA_DATA_DIR", raising=False)
+    with pytest.raises(UserError, match=rf"^paths.data_dir={f}: {f} is a file, not a directory; point it at"):
+        data_dirs(str(f))
+    assert data_dirs(str(tmp_path / "absent")) == [tmp_path / "absent"]  # absent: searched, reported as not found
+    monkeypatch.setenv("TALKLORA_DATA_DIR", str(f))
+    with pytest.raises(UserError, match=r"^TALKLORA_DATA_DIR=.* is a file, not a directory"):
+        data_dirs(None)
+
+
+@pytest.mark.slow
+def test_an_edited_metrics_json_is_never_reused_or_tabled(glue_dir: Path, tmp_path: Path):
+    """A completed run's metrics.json carries a digest of itself: after a hand edit of a result, the sweep that would
+    skip the run stops in one line (nothing changed), and the tables leave the run out with the reason."""
+    from conftest import compose_cfg
+
+    from talklora_exp.analysis.collect import collect
+    from talklora_exp.errors import UserError
+    from talklora_exp.run import run
+
+    run_dir = tmp_path / "run"
+    cfg = compose_cfg([*ARGS, f"paths.data_dir={glue_dir}", "trainer.cpu=true"])
+    m = run(cfg, run_dir)
+    assert run(cfg, run_dir) is None  # untouched: skipped as completed
+    rec = json.loads((run_dir / "metrics.json").read_text())
+    rec["eval"]["accuracy"] = 0.99
+    (run_dir / "metrics.json").write_text(json.dumps(rec))
+    before = (run_dir / "metrics.json").read_bytes()
+    with pytest.raises(UserError, match=r"metrics.json was edited after the run finished .* overwrite=true$"):
+        run(cfg, run_dir)
+    assert (run_dir / "metrics.json").read_bytes() == before
+    runs, bad = collect([run_dir])
+    assert not runs and "edited after the run" in bad[0][1] and m["eval"]["accuracy"] != 0.99

@@ -12,9 +12,14 @@ from .errors import UserError
 def data_dirs(configured: str | os.PathLike | None) -> list[Path]:
     """Directories searched for local data, in order: the configured dir, then $TALKLORA_DATA_DIR."""
     dirs: list[Path] = []
-    for d in (configured, os.environ.get("TALKLORA_DATA_DIR")):
-        if d and Path(d).expanduser().resolve() not in dirs:
-            dirs.append(Path(d).expanduser().resolve())
+    for name, d in (("paths.data_dir", configured), ("TALKLORA_DATA_DIR", os.environ.get("TALKLORA_DATA_DIR"))):
+        if not d:
+            continue
+        p = Path(d).expanduser().resolve()
+        if p.exists() and not p.is_dir():
+            raise UserError(f"{name}={d}: {p} is a file, not a directory; point it at the folder holding the data")
+        if p not in dirs:
+            dirs.append(p)
     return dirs
 
 

@@ -6,6 +6,8 @@ cannot be tabled (a missing or mistyped field), and the tables leave that run ou
 
 from __future__ import annotations
 
+import hashlib
+import json
 from typing import Any, TypedDict
 
 
@@ -69,8 +71,26 @@ REQUIRED: dict[str, type | tuple[type, ...]] = {"task": str, "method": str, "mod
                                                 "main_metric": str, "budget": dict}  # fmt: skip
 
 
+DIGEST_KEY = "record_sha256"
+
+
+def record_digest(m: dict[str, Any]) -> str:
+    """sha256 of a record without its own digest (sorted keys): written into every completed metrics.json, so a record
+    edited afterwards is told from what the run wrote. It proves integrity, not origin (anyone can recompute it);
+    records written before it existed have none and are read as before."""
+    body = {k: v for k, v in m.items() if k != DIGEST_KEY}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
+def edited(m: dict[str, Any]) -> bool:
+    """True when the record carries a digest that its content no longer matches."""
+    return DIGEST_KEY in m and m[DIGEST_KEY] != record_digest(m)
+
+
 def record_problem(m: dict[str, Any]) -> str | None:
     """Why a "completed" metrics.json cannot be tabled, or None."""
+    if edited(m):
+        return f"edited after the run ({DIGEST_KEY} does not match its content)"
     for k, t in REQUIRED.items():
         if not isinstance(m.get(k), t) or isinstance(m.get(k), bool):
             return f"{k}={m.get(k)!r} (needs {getattr(t, '__name__', t)})"

@@ -26,7 +26,7 @@ from .heads import fit_cosine_head
 from .identity import IDENTITY_FILE, identity, mismatch_error, read_identity, same_config
 from .methods import build_method, find_target_layers, method_config
 from .models import load_model, load_tokenizer
-from .record import RunRecord
+from .record import DIGEST_KEY, RunRecord, edited, record_digest
 from .rundir import (
     RunDirBusy,
     RunDirLock,
@@ -244,6 +244,7 @@ def _run_locked(
         raise
     acc.wait_for_everyone()
     metrics = _completed_record(base, result, resume_state, b.task, mp, acc, time.time() - t_start)
+    metrics[DIGEST_KEY] = record_digest(metrics)  # type: ignore[typeddict-unknown-key]  # tells a later edit
     state = engines.full_state_dict(b.model)  # a sharded model's whole weights, gathered by every process
     if main:
         try:
@@ -285,6 +286,10 @@ def _skip_completed(run_dir: Path, stored: dict | None, ident: dict) -> None:
     """A completed run of this config is skipped (never redone, never touched); of another config, refused."""
     if not same_config(stored, ident):
         raise mismatch_error(run_dir, "it holds a completed run", stored, ident)
+    record = json.loads((run_dir / "metrics.json").read_text())
+    if edited(record):  # a hand-edited result is never passed off as this config's finished run
+        raise UserError(f"{run_dir}/metrics.json was edited after the run finished ({DIGEST_KEY} does not match its "
+                        "content); nothing was changed: restore it, or rerun with overwrite=true")  # fmt: skip
     with _log_outside(run_dir):
         log.info(
             "skip: %s already completed (same config hash %s; overwrite=true to redo)", run_dir, ident["config_hash"]
