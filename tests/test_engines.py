@@ -193,24 +193,26 @@ def test_fsdp_run_killed_after_a_checkpoint_resumes_to_the_uninterrupted_result(
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["talklora", "teamlora"])
-def test_qlora_nf4_trains_saves_and_reloads(tmp_path: Path, shared_data: Path, method: str):
-    """SmolLM2 with model.quantization=nf4: every adapted projection wraps a bitsandbytes Linear4bit, the adapters are
-    fp32 and train (finite, moving loss), the adapter saves, and `evaluate` rebuilds the quantized base, reloads it and
-    reproduces the run's numbers."""
+@pytest.mark.parametrize("quant,method", [("nf4", "talklora"), ("nf4", "teamlora"), ("int8", "talklora")])
+def test_qlora_trains_saves_and_reloads(tmp_path: Path, shared_data: Path, quant: str, method: str):
+    """SmolLM2 with model.quantization=nf4 (int8): every adapted projection wraps a bitsandbytes Linear4bit
+    (Linear8bitLt), the adapters are fp32 and train (finite loss), the adapter saves, and `evaluate` rebuilds the
+    quantized base, reloads it and reproduces the run's numbers."""
     import bitsandbytes as bnb  # installed by make setup (the engines extra)
+
+    layer_cls = {"nf4": bnb.nn.Linear4bit, "int8": bnb.nn.Linear8bitLt}[quant]
 
     from talklora_exp.evaluate import evaluate_run
     from talklora_exp.run import build, run
 
-    over = ["model=smollm2-135m", "model.quantization=nf4", f"method={method}", "task=commonsense/boolq",
+    over = ["model=smollm2-135m", f"model.quantization={quant}", f"method={method}", "task=commonsense/boolq",
             f"paths.data_dir={shared_data}", "eval=options", "task.answer_format=text", "task.prompt_style=lm_eval",
             "task.main_metric=acc_norm", "trainer.max_steps=3", "trainer.batch_size=2", "trainer.grad_accum=1",
             "trainer.max_train_samples=12", "trainer.max_eval_samples=4", "task.val_size=2", "trainer.lr=1e-3",
             "trainer.progress=false", "trainer.log_every=1"]  # fmt: skip
     b = build(compose_cfg(over))
     wrapped = [m for n, m in b.model.named_modules() if n.endswith("q_proj") and hasattr(m, "base_layer")]
-    assert wrapped and all(isinstance(m.base_layer, bnb.nn.Linear4bit) for m in wrapped)
+    assert wrapped and all(isinstance(m.base_layer, layer_cls) for m in wrapped)
     assert all(p.dtype == torch.float32 for n, p in b.model.named_parameters() if p.requires_grad)
     m = run(compose_cfg(over), tmp_path / "q")
     losses = [r["loss"] for r in _log(tmp_path / "q") if "loss" in r]

@@ -9,18 +9,16 @@ from __future__ import annotations
 import dataclasses
 import re
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ..choices import ADAPTER_DTYPES
 from ..errors import UserError
 
-if TYPE_CHECKING:
-    from .base import Method
-
 TRAINER_KEYS = ("name", "rank", "num_experts", "adapter_dtype")
 
 
-def _fail(key: str, value: Any, allowed: str) -> UserError:
+def option_error(key: str, value: Any, allowed: str) -> UserError:
+    """The one-line error for `method.<key>=<value>`."""
     return UserError(f"method.{key}={value!r}; allowed: {allowed}")
 
 
@@ -38,7 +36,7 @@ class MethodConfig:
         return dataclasses.asdict(self)
 
 
-def parse(d: Any, method: type[Method]) -> MethodConfig:
+def parse(d: Any, method: type) -> MethodConfig:
     """Coerce and validate a `method` mapping (a DictConfig or dict) for `method`; unknown keys are an error."""
     d = dict(d)
     name = d.get("name")
@@ -50,10 +48,10 @@ def parse(d: Any, method: type[Method]) -> MethodConfig:
     experts = _coerce("num_experts", d.get("num_experts", 1), "int")
     for key, value in (("rank", rank), ("num_experts", experts)):
         if value < 1:
-            raise _fail(key, value, "a positive integer")
+            raise option_error(key, value, "a positive integer")
     dtype = d.get("adapter_dtype", "fp32")
     if dtype not in ADAPTER_DTYPES:
-        raise _fail("adapter_dtype", dtype, str(list(ADAPTER_DTYPES)))
+        raise option_error("adapter_dtype", dtype, str(list(ADAPTER_DTYPES)))
     given = {key: _coerce(key, d[key], typ) for key, typ in settable.items() if key in d}
     cfg = MethodConfig(name=name, rank=rank, num_experts=experts, adapter_dtype=dtype)
     if method.config_cls is None:
@@ -65,7 +63,7 @@ def parse(d: Any, method: type[Method]) -> MethodConfig:
     return cfg
 
 
-def build_peft_config(method: type[Method], options: dict[str, Any], rank: int, num_experts: int,
+def build_peft_config(method: type, options: dict[str, Any], rank: int, num_experts: int,
                       **managed: Any) -> Any:  # fmt: skip
     """The method's peft config from yaml-named options; its own ValueError becomes one line in yaml names."""
     kw = {method.renames.get(k, k): v for k, v in method.resolve(options, rank).items()}
@@ -78,7 +76,7 @@ def build_peft_config(method: type[Method], options: dict[str, Any], rank: int, 
         raise UserError(yaml_names(str(e).splitlines()[0], method)) from None
 
 
-def yaml_names(msg: str, method: type[Method]) -> str:
+def yaml_names(msg: str, method: type) -> str:
     """A peft config's message in the yaml's names: `r=6 is not divisible by num_experts=4` ->
     `method.rank=6 is not divisible by method.num_experts=4`."""
     back = {v: k for k, v in method.renames.items()}
@@ -93,22 +91,22 @@ def _coerce(key: str, value: Any, typ: str) -> Any:
     if value is None:
         if optional:
             return None
-        raise _fail(key, value, f"a value of type {typ}")
+        raise option_error(key, value, f"a value of type {typ}")
     base = re.sub(r"\s*\|\s*None|Optional\[(.*)\]", r"\1", typ).strip()
     if base == "bool":
         if isinstance(value, bool):
             return value
-        raise _fail(key, value, "true or false")
+        raise option_error(key, value, "true or false")
     if base == "int":
         if isinstance(value, bool) or not isinstance(value, int):
-            raise _fail(key, value, "an integer" + (" or null" if optional else ""))
+            raise option_error(key, value, "an integer" + (" or null" if optional else ""))
         return value
     if base == "float":
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise _fail(key, value, "a number" + (" or null" if optional else ""))
+            raise option_error(key, value, "a number" + (" or null" if optional else ""))
         return float(value)
     if base == "str":
         if not isinstance(value, str):
-            raise _fail(key, value, "a string")
+            raise option_error(key, value, "a string")
         return value
     return value

@@ -10,7 +10,7 @@ from typing import Any
 from peft import HiraConfig
 
 from .base import Method, TargetLayer
-from .config import _fail
+from .config import option_error
 from .lora import lora_params
 
 
@@ -27,7 +27,7 @@ class HiRAMethod(Method):
     @classmethod
     def resolve(cls, options: dict[str, Any], rank: int) -> dict[str, Any]:
         if not 0.0 <= options.get("dropout", 0.0) < 1.0:
-            raise _fail("dropout", options["dropout"], "a probability in [0, 1)")
+            raise option_error("dropout", options["dropout"], "a probability in [0, 1)")
         return dict(options)
 
     def param_count(self, layers: list[TargetLayer], rank: int) -> int:

@@ -9,7 +9,7 @@ from typing import Any
 from peft import LoraConfig
 
 from .base import Method, TargetLayer
-from .config import _fail
+from .config import option_error
 
 
 def lora_params(layers: list[TargetLayer], rank: int) -> int:
@@ -32,9 +32,9 @@ class LoRAMethod(Method):
     def resolve(cls, options: dict[str, Any], rank: int) -> dict[str, Any]:
         alpha, dropout = options.get("alpha"), options.get("dropout", 0.0)
         if alpha is not None and alpha <= 0:
-            raise _fail("alpha", alpha, "a positive number, or null for 2 x rank")
+            raise option_error("alpha", alpha, "a positive number, or null for 2 x rank")
         if not 0.0 <= dropout < 1.0:
-            raise _fail("dropout", dropout, "a probability in [0, 1)")
+            raise option_error("dropout", dropout, "a probability in [0, 1)")
         return {**options, "alpha": float(alpha) if alpha is not None else 2.0 * rank}
 
     def resolved(self) -> dict[str, Any]:
