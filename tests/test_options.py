@@ -162,13 +162,14 @@ def _samples(out: Path) -> dict[str, list[dict]]:
 
 
 @pytest.mark.slow
-def test_lm_eval_agrees_with_our_scorer_per_example(tmp_path: Path, shared_data: Path):
+def test_lm_eval_agrees_with_our_scorer_per_example(tmp_path: Path, shared_data: Path, monkeypatch):
     """A TalkLoRA run (tiny random LM, 2 steps) scored by this project at the end of training, and its run dir scored
     again by lm-eval's HFLM through `python -m talklora_exp.lm_eval`: the same log-likelihood per option (float32,
     another batching) and the same prediction per example, on the first 4 of all 8 sets; and a `method=none` run."""
     from talklora_exp.lm_eval.__main__ import main
     from talklora_exp.run import run
 
+    monkeypatch.setenv("TALKLORA_DATA_DIR", str(shared_data))  # what the shipped task YAMLs read
     common = [*TINY_LM, *CLOZE, f"paths.data_dir={shared_data}", "trainer.max_train_samples=16", "trainer.max_steps=2",
               "trainer.batch_size=4", "trainer.grad_accum=1", "trainer.max_eval_samples=4", "trainer.progress=false",
               "task.val_size=4", "trainer.eval_batch_size=3"]  # fmt: skip

@@ -1,6 +1,6 @@
 """Every non-method config value checked once, up front, before anything is built or written: types, ranges and
-choices, each failure one line naming the key, the value and what is allowed. (Method keys are checked by their typed
-dataclass in methods/config.py; data values by the task readers, which name file:line.)"""
+choices, each failure one line naming the key, the value and what is allowed. (Method keys are checked by the method's peft
+config, through methods/config.py; data values by the task readers, which name file:line.)"""
 
 from __future__ import annotations
 
