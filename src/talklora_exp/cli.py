@@ -1,5 +1,10 @@
 """Hydra entry point: `python -m talklora_exp <overrides>` (add `-m` for sweeps, `+dry_run=true` to list a sweep's jobs
-with their ranks, adapter parameters and memory estimates without training)."""
+with their ranks, adapter parameters and memory estimates without training).
+
+The checks before Hydra starts (`check_*`, `expand_group_globs`) parse the overrides with Hydra's own parser and do only
+what Hydra does not: answer in one line (Hydra's errors span many), check every job of a sweep before the first one
+runs (Hydra composes a job's config only when it reaches it, possibly hours in), glob nested config groups, and refuse
+run dirs Hydra itself could not create (name too long, read-only)."""
 
 from __future__ import annotations
 
