@@ -1,5 +1,7 @@
 """One trainer for every method and task, on accelerate. Methods plug in through `TrainHooks` (aux loss, routing
-statistics); tasks through `Task.evaluate`. No branching on method names here."""
+statistics); tasks through `Task.evaluate`. No branching on method names here. Split by job: the loop is here;
+selection (evaluating, keeping the best weights, reporting) is `selection.py`; the checkpoint state (what a resume
+needs, taken and put back) is `trainstate.py`."""
 
 from __future__ import annotations
 
@@ -8,24 +10,24 @@ import math
 import signal
 import threading
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from accelerate import Accelerator, skip_first_batches
-from accelerate.utils import gather_object
 from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from . import checkpoint as ckpt
 from . import engines
-from .choices import MIXED_PRECISION, SELECT_METRICS, SELECT_PROTOCOLS
+from .choices import MIXED_PRECISION
 from .errors import UserError
 from .methods.base import TrainHooks
 from .rundir import RunLogger
-from .tasks.base import EvalResult, Task, TaskData
-from .tasks.metrics import is_better
+from .selection import FitResult, Selecting, Selection
+from .tasks.base import Task, TaskData
+from .trainstate import Checkpointing, LoopState
 
 log = logging.getLogger(__name__)
 
@@ -78,75 +80,7 @@ def resolve_mixed_precision(requested: str, cpu: bool) -> str:
     return requested
 
 
-@dataclass(frozen=True)
-class Selection:
-    """How the reported checkpoint is chosen (`trainer.select`, `trainer.select_metric`), checked and decided once.
-    `key` is the metric that selects (the validation loss, or the task's main metric; None for `last`), scored so
-    that higher is better."""
-
-    protocol: str  # val_from_train | best_dev | last
-    key: str | None
-    on_main: bool  # select_metric=main: the validation split also gets the task's metrics
-
-    @classmethod
-    def from_config(cls, tcfg: Any, task: Task, data: TaskData) -> Selection:
-        protocol, metric = str(tcfg.select), str(tcfg.select_metric)
-        if protocol not in SELECT_PROTOCOLS:
-            raise UserError(f"trainer.select={protocol!r}; allowed: {list(SELECT_PROTOCOLS)}")
-        if metric not in SELECT_METRICS:
-            raise UserError(f"trainer.select_metric={metric!r}; allowed: {list(SELECT_METRICS)}")
-        if protocol == "best_dev" and task.report_split != "dev":
-            raise UserError(
-                f"trainer.select=best_dev would pick the checkpoint on {task.name}'s {task.report_split} set; "
-                "use trainer.select=val_from_train (or last)"
-            )
-        if protocol == "val_from_train" and data.val is None:
-            raise UserError("trainer.select=val_from_train needs a validation split: task.val_size must be positive")
-        loss = protocol == "val_from_train" and metric == "loss"
-        return cls(protocol, None if protocol == "last" else "loss" if loss else task.main_metric, metric == "main")
-
-    @property
-    def on_val(self) -> bool:
-        return self.protocol == "val_from_train"
-
-    @property
-    def on_dev(self) -> bool:
-        return self.protocol == "best_dev"
-
-    @property
-    def split(self) -> str | None:
-        return {"val_from_train": "val", "best_dev": "dev"}.get(self.protocol)
-
-    def score(self, metrics: dict[str, float]) -> float | None:
-        """Higher is better: the negated loss, or the main metric."""
-        return -metrics["loss"] if self.key == "loss" else metrics.get(self.key or "")
-
-    def shown(self, score: float) -> float:
-        """A score as the metric reads (the loss positive again)."""
-        return -score if self.key == "loss" else score
-
-    def record(self, step: int, score: float | None) -> dict[str, Any]:
-        """metrics.json's "selection"."""
-        value = self.shown(score) if score is not None else None
-        return {"protocol": self.protocol, "split": self.split, "metric": self.key, "step": step, "value": value}
-
-
-@dataclass
-class FitResult:
-    selection: dict[str, Any]  # protocol, split, metric, step, value
-    report: dict[str, float]  # metrics on the reported split (dev / test) with the selected weights
-    val: dict[str, float] | None  # validation metrics at the selected step
-    routing: dict[str, Any] | None
-    predictions: list[dict] | None
-    counts: dict[str, int] | None  # examples scored per reported split
-    total_steps: int
-    train_runtime_s: float
-    eval_runtime_s: float  # validation and dev-curve evaluations during training, and the final report
-    train_samples: int
-    report_evals: int  # how often the reported split was evaluated (test sets: exactly once)
-
-
-class Trainer:
+class Trainer(Selecting, Checkpointing):
     """The loop. Selection (`trainer.select`): `val_from_train` scores the held-out validation split every
     `eval_every` steps (`select_metric`: loss, as upstream, or the task's main metric), keeps the best weights, and
     evaluates the reported split once at the end with them; `best_dev` (GLUE only: dev is the reported set) keeps the
@@ -231,95 +165,6 @@ class Trainer:
         self.report_evals = 0
         self.report_counts: dict[str, int] | None = None  # examples per reported split, from its last evaluation
 
-    # -- evaluation -------------------------------------------------------------------------------------------------
-    def evaluate(self) -> tuple[EvalResult, dict[str, Any] | None]:
-        """The reported split(s), with routing statistics."""
-        self.report_evals += 1
-        rec = self.hooks.routing
-        if rec is not None:
-            rec.start()
-        show = bool(self.cfg.progress)
-        result = self.task.evaluate(self.model, self.eval_dls, self.acc, on_batch=self.hooks.set_batch, progress=show)
-        self.report_counts = result.counts
-        routing = rec.stop() if rec is not None else None
-        self.model.train()
-        return result, routing
-
-    @torch.no_grad()
-    def validate(self) -> dict[str, float]:
-        """Validation loss (exact mean over the split's supervised tokens / examples), plus the task's metrics on the
-        validation split when they select."""
-        self.model.eval()
-        if self.selection.on_main and getattr(self.task, "loss_with_metrics", False):
-            (dl,) = self.val_eval_dls.values()  # the validation split itself, in evaluate()'s format
-            out = self.task.evaluate(self.model, {"": dl}, self.acc, on_batch=self.hooks.set_batch, with_loss=True)
-            self.model.train()
-            return out.metrics
-        tot = torch.zeros((), dtype=torch.float64, device=self.acc.device)
-        cnt = torch.zeros((), dtype=torch.float64, device=self.acc.device)
-        for batch in self.val_dl:
-            self.hooks.set_batch(batch)
-            loss, weight = self.task.example_losses(self.model, batch)
-            loss, weight = self.acc.gather_for_metrics((loss, weight))
-            tot += loss.double().sum()
-            cnt += weight.double().sum()
-        out = {"loss": float(tot / cnt.clamp_min(1))}
-        if self.selection.on_main:
-            out.update(
-                self.task.evaluate(
-                    self.model, self.val_eval_dls, self.acc, on_batch=self.hooks.set_batch, selecting=True
-                ).metrics
-            )
-        self.model.train()
-        return out
-
-    def _snapshot(self) -> dict[str, torch.Tensor]:
-        """Whole tensors (gathered when sharded: every process calls this), so a checkpoint can carry them."""
-        return {str(i): engines.full(p.detach()).cpu().clone() for i, p in enumerate(self.trainable)}
-
-    def _restore(self, snap: dict[str, torch.Tensor]) -> None:
-        for i, p in enumerate(self.trainable):
-            engines.load_full(p, snap[str(i)])
-
-    def _eval_step(self, v: LoopState, step: int) -> None:
-        rec: dict[str, Any] = {"step": step, "epoch": v.epoch}
-        score, report, routing, result = None, None, None, None
-        sel = self.selection
-        if sel.on_val:
-            rec["val"] = self.validate()
-            score = sel.score(rec["val"])
-        if sel.on_dev or self.dev_curve:
-            result, routing = self.evaluate()
-            report = result.metrics
-            rec.update(split=self.task.report_split, eval=report)
-            if routing is not None:
-                rec["routing"] = routing["aggregate"]
-            if sel.on_dev:
-                score = sel.score(report)
-        self.logger.log(rec)
-        if sel.key is not None and is_better(score, v.best_score):
-            v.best_score, v.best_step, v.best_val, v.best_snap = score, step, rec.get("val"), self._snapshot()
-            if sel.on_dev:
-                v.best_eval, v.best_routing = report, routing
-                v.best_preds = result.predictions if result is not None else None
-        if report is not None:
-            v.last_eval = report
-
-    # -- training ---------------------------------------------------------------------------------------------------
-    def _state(self, v: LoopState, rngs: list[dict[str, Any]]) -> dict[str, Any]:
-        """Everything needed to continue bit-for-bit: weights, optimizer, scheduler, RNGs, data position, best-so-far.
-        Each process keeps its own RNG state (`rng_per_process`): ranks see batches of different lengths, so their
-        dropout draws, and hence their generators, drift apart."""
-        return {
-            "trainable": [engines.full(p.detach()).cpu().clone() for p in self.trainable],
-            "optimizer": engines.optimizer_state(self.model, self.opt, self.sharded),
-            "sharded": self.sharded,  # the optimizer state's layout: by parameter name (FSDP) or by index
-            "scheduler": self.sched.state_dict(),
-            "rng_per_process": rngs,
-            "loop": v.state_dict(),
-            "config_hash": self.config_hash,
-        }
-
     def _grad_norm(self, max_norm: float | None) -> torch.Tensor:
         """The global L2 norm of the trainable gradients of this optimizer step, before clipping (clipped to
         `max_norm` when set). Logged: it is the check that accumulation and multi-process averaging give the gradient
@@ -379,37 +224,6 @@ class Trainer:
         finally:
             p.stop.restore()
             p.bar.close()
-
-    def _resume(self, v: LoopState, resume: dict[str, Any]) -> dict[str, Any] | None:
-        """Put weights, optimizer, scheduler, loop state and RNG back from a checkpoint; returns the RNG state still to
-        set after the resumed epoch's first batch (a mid-epoch resume), else None."""
-        saved = [tuple(t.shape) for t in resume["trainable"]]
-        if saved != [tuple(p.shape) for p in self.trainable]:
-            raise UserError(f"checkpoint: its {len(saved)} trainable tensors do not fit this model's "
-                            f"{len(self.trainable)} (written by another version of the code?); rerun without "
-                            "trainer.resume=auto, or with overwrite=true")  # fmt: skip
-        if bool(resume.get("sharded", False)) != self.sharded:
-            raise UserError(f"checkpoint: written {'with' if resume.get('sharded') else 'without'} FSDP sharding, "
-                            f"resumed {'with' if self.sharded else 'without'}; resume with the trainer.strategy and "
-                            "process count it was written with")  # fmt: skip
-        for p, t in zip(self.trainable, resume["trainable"]):
-            engines.load_full(p, t)
-        engines.load_optimizer_state(self.model, self.opt, resume["optimizer"], self.sharded)
-        self.sched.load_state_dict(resume["scheduler"])
-        v.load_state_dict(resume["loop"])
-        acc = self.acc
-        rngs = resume.get("rng_per_process") or [resume["rng"]]  # "rng": one RNG state shared by all processes
-        if len(rngs) != acc.num_processes:
-            log.warning("checkpoint from %d process(es), resuming on %d: data order and RNG streams differ from an "
-                        "uninterrupted run", len(rngs), acc.num_processes)  # fmt: skip
-        rng = rngs[acc.process_index] if len(rngs) == acc.num_processes else rngs[0]
-        # A DataLoader without a generator of its own (the length-grouped one) draws its base seed from the global
-        # RNG when its iterator starts. An uninterrupted run made that draw at the epoch's start, before the
-        # checkpoint; so a mid-epoch resume puts the RNG back after the new iterator's first batch.
-        if v.batch_in_epoch:
-            return rng
-        ckpt.set_rng_state(rng)
-        return None
 
     def _epoch_batches(self, v: LoopState) -> Any:
         """The current epoch's micro-batches in its shuffle order, minus those already consumed (a mid-epoch resume)."""
@@ -487,78 +301,6 @@ class Trainer:
                 f"{p.stop.signal} at step {step}; checkpoint saved, resume with trainer.resume=auto"
             )
         return step >= self.total_steps
-
-    def _save_checkpoint(self, v: LoopState, step: int) -> None:
-        acc = self.acc
-        rngs = gather_object([ckpt.rng_state()]) if acc.num_processes > 1 else [ckpt.rng_state()]
-        state = self._state(v, rngs)  # every process: gathering sharded tensors is a collective
-        if acc.is_main_process:
-            ckpt.save(self.ckpt_root, step, state)
-        acc.wait_for_everyone()
-
-    def _finish(self, v: LoopState) -> FitResult:
-        """Restore the selected weights and evaluate the reported split with them (once, unless best_dev already did)."""
-        step, t_report = v.step, time.perf_counter()
-        selected = v.best_step if v.best_snap is not None else step  # metric undefined at every eval: the last
-        if selected != step:
-            self._restore(v.best_snap)  # the saved adapter reproduces the reported metrics
-        counts = self.report_counts
-        if self.selection.on_dev and v.best_eval is not None:
-            report, routing, preds = v.best_eval, v.best_routing, v.best_preds
-        elif self.selection.on_dev and v.last_eval is not None:  # no step scored: the last evaluation's
-            report, routing, preds = v.last_eval, None, None
-        else:
-            result, routing = self.evaluate()
-            report, preds, counts = result.metrics, result.predictions, result.counts
-            rec_ = {"step": step, "split": self.task.report_split, "report": report, "selected_step": selected}
-            self.logger.log(rec_)
-        return FitResult(self.selection.record(selected, v.best_score), report, v.best_val, routing, preds, counts, step, v.train_time,
-                         v.eval_time + time.perf_counter() - t_report, v.samples, self.report_evals)  # fmt: skip
-
-    def _zero_shot(self, eval_time_before: float) -> FitResult:
-        """Nothing to train (`method=none`): the validation loss for reference, and the reported split once."""
-        t = time.perf_counter()
-        val = self.validate() if self.val_dl is not None else None
-        result, routing = self.evaluate()
-        report = result.metrics
-        self.logger.log({"step": 0, "split": self.task.report_split, "report": report, "selected_step": 0, "val": val})
-        selection = {"protocol": "none", "split": None, "metric": None, "step": 0, "value": None}
-        return FitResult(selection, report, val, routing, result.predictions, result.counts, 0, 0.0,
-                         eval_time_before + time.perf_counter() - t, 0, self.report_evals)  # fmt: skip
-
-
-@dataclass
-class LoopState:
-    """The training loop's position and best-so-far: everything a checkpoint needs beyond weights, optimizer,
-    scheduler and RNGs to continue bit for bit. `state_dict()` is what checkpoints store under "loop"."""
-
-    step: int = 0
-    samples: int = 0  # training examples seen (all processes)
-    epoch: int = 0
-    batch_in_epoch: int = 0  # micro-batches of the current epoch already consumed
-    train_time: float = 0.0  # seconds in the training loop, summed over resumes
-    eval_time: float = 0.0  # seconds in evaluation, summed over resumes
-    best_score: float | None = None  # the selecting metric, higher is better (the loss negated)
-    best_step: int = 0
-    best_val: dict | None = None  # validation metrics at best_step
-    best_eval: dict | None = None  # reported-split metrics at best_step (best_dev only)
-    best_routing: dict | None = None
-    best_snap: dict | None = None  # the trainable tensors at best_step
-    best_preds: list | None = None
-    last_eval: dict | None = None
-    run_loss: float = 0.0  # the loss summed since the last log record
-    n_micro: int = 0  # micro-batches in run_loss
-    epoch_gen_state: Any = None  # the epoch's shuffling generator state, for a mid-epoch resume
-
-    def state_dict(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
-
-    def load_state_dict(self, d: dict[str, Any]) -> None:
-        unknown = sorted(set(d) - {f.name for f in fields(self)})
-        if unknown:
-            raise UserError(f"checkpoint: unknown loop state {unknown} (written by another version of the code?)")
-        for k, val in d.items():
-            setattr(self, k, val)
 
 
 @dataclass
