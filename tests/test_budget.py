@@ -58,3 +58,14 @@ def test_impossible_budget_fails_clearly():
         UserError, match=r"budget b: no rank \(multiple of 16\) of method talklora lands within 1% of 500"
     ):
         budget.solve(m, LAYERS, B(type="absolute", params=500, tolerance=0.01), 32, 16)
+
+
+def test_lora_alpha_left_out_follows_the_rank_the_budget_picks():
+    """alpha omitted (or null) means 2 x the final rank, not 2 x whatever rank the config was first checked at."""
+    from talklora_exp.methods import method_config
+
+    for d in ({"name": "lora", "rank": 4}, {"name": "lora", "rank": 4, "alpha": None}):
+        m = build_method(method_config(d))
+        res = budget.solve(m, LAYERS, B(type="relative", lora_rank=16), m.cfg.rank, 1)
+        m.cfg.rank = res.rank
+        assert res.rank == 16 and m.resolved() == {"alpha": 32.0}

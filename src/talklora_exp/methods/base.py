@@ -134,6 +134,7 @@ class Method:
     renames: dict[str, str] = {"rank": "r"}  # yaml key -> peft config field, where they differ
     fixed: dict[str, Any] = {}  # peft config fields the method sets itself (DoRA: use_dora=True)
     inert: tuple[str, ...] = ()  # yaml keys accepted and unused (method=none's dropout)
+    defaults: dict[str, Any] = {}  # a yaml key's default where the method's convention differs from its config's
     routed = False  # True: the layers route tokens (routing statistics, balance loss)
     adapts = True  # False: no adapter, so no parameter budget (method=none)
 

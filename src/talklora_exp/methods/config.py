@@ -57,9 +57,14 @@ def parse(d: Any, method: type) -> MethodConfig:
     if method.config_cls is None:
         return cfg
     # rank % num_experts is checked where the rank is final (after budget solving): validate with a rank that fits
-    probe_rank = rank if rank % experts == 0 else experts
-    probe = build_peft_config(method, given, probe_rank, experts)
-    cfg.options = {**{k: getattr(probe, method.renames.get(k, k)) for k in settable}, **given}
+    build_peft_config(method, given, rank if rank % experts == 0 else experts, experts)
+    # keys the yaml leaves out take the config's field defaults as declared, not as resolved at the probe's rank
+    # (LoRA's alpha: null stays null, so 2 x rank follows the rank the budget picks)
+    declared = {
+        f.name: f.default for f in dataclasses.fields(method.config_cls) if f.default is not dataclasses.MISSING
+    }
+    defaults = {k: declared[method.renames.get(k, k)] for k in settable if method.renames.get(k, k) in declared}
+    cfg.options = {**defaults, **method.defaults, **given}
     return cfg
 
 

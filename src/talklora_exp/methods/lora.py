@@ -23,6 +23,7 @@ class LoRAMethod(Method):
     config_cls = LoraConfig
     renames = {"rank": "r", "alpha": "lora_alpha", "dropout": "lora_dropout"}
     fixed: dict[str, Any] = {"use_dora": False}
+    defaults: dict[str, Any] = {"alpha": None}  # null = 2 x the final rank (peft's own default is a fixed 8)
 
     @classmethod
     def yaml_fields(cls) -> dict[str, str]:
