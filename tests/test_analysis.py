@@ -675,3 +675,28 @@ def test_option_scored_runs_get_their_metric_tables_and_the_zero_shot_comparison
     assert "| LoRA | 2 | 62.50 ± 17.68 | 25.00 | +37.50 | 0.205 |" in zs and zs.count("| 4 |") == 1
     p = float(zs.split("| 0.205 | ")[1].split(" |")[0])
     assert abs(p - 0.5) < 0.01 and sign_flip_p(__import__("numpy").zeros(3)) == 1.0
+
+
+def test_method_pairs_table_hand_computed(tmp_path: Path):
+    """LoRA's per-seed averages 0.75 / 0.50, TalkLoRA's 0.50 / 0.50: per-seed differences −0.25, 0 (mean −12.50,
+    sd 17.68); paired t = −0.125 / (0.1768 / √2) = −1.0 with df 1, so p = 0.5 exactly. Per example, the seeds' mean
+    correctness [1, .5, 0, 1] (LoRA) and [.5, .5, 0, 1] (TalkLoRA) differ by −.5 on one example only: every sign
+    pattern reaches |mean| 0.125, so p = 1. A method with no seed in common with another gets no row."""
+    corr = {("lora", 1): [1, 1, 0, 1], ("lora", 2): [1, 0, 0, 1],
+            ("talklora", 1): [1, 0, 0, 1], ("talklora", 2): [0, 1, 0, 1], ("moelora", 3): [1, 1, 1, 1]}  # fmt: skip
+    for (method, seed), c in corr.items():
+        d = tmp_path / "r" / f"{method}-{seed}"
+        d.mkdir(parents=True)
+        avg = sum(c) / 4
+        m = {"status": "completed", "task": "all", "task_family": "commonsense", "method": method, "model": "m",
+             "seed": seed, "budget": {"name": "b"}, "adapter_params": 10, "main_metric": "acc_norm",
+             "eval": {"boolq/acc_norm": avg, "boolq/acc": avg, "acc_norm": avg, "acc": avg}}  # fmt: skip
+        (d / "metrics.json").write_text(json.dumps(m))
+        rows = [{"id": f"boolq-{i}", "task": "boolq", "gold": "true", "acc_norm": bool(x), "acc": bool(x),
+                 "ll_pick_norm": "true" if x else "false", "ll_pick": "true" if x else "false"}
+                for i, x in enumerate(c)]  # fmt: skip
+        (d / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert analysis_main([str(tmp_path / "r"), "--out", str(tmp_path / "o"), "--no-plots"]) == 0
+    md = (tmp_path / "o" / "tables" / "commonsense_pairs.md").read_text()
+    assert "| TalkLoRA − LoRA | 1,2 | -12.50 | 17.68 | 0.500 | 1.0000 | 4 |" in md
+    assert "MoELoRA" not in md.split("\n\n")[1]  # seed 3 only: nothing to pair with

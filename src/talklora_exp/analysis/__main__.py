@@ -16,6 +16,7 @@ from .tables import (
     compute_table,
     convergence_table,
     failed_table,
+    method_pairs_table,
     routing_table,
     score_table,
     vs_zero_shot_table,
@@ -72,6 +73,11 @@ def main(argv: list[str] | None = None) -> int:
     if zs:
         zs.write(tables_dir, "commonsense_vs_zero_shot")
         written.append("commonsense_vs_zero_shot")
+    pairs = method_pairs_table([r for r in whole if r.metrics.get("task_family") == "commonsense"],
+                               "Method against method")  # fmt: skip
+    if pairs:
+        pairs.write(tables_dir, "commonsense_pairs")
+        written.append("commonsense_pairs")
     shares = answer_share_table([r for r in whole if r.metrics.get("task_family") == "commonsense"], CS_ORDER, CS_LABEL)
     if shares:
         shares.write(tables_dir, "commonsense_answers")

@@ -477,6 +477,52 @@ def _p4(p: float) -> str:
     return "< 0.0001" if p < 1e-4 else f"{p:.4f}"
 
 
+def method_pairs_table(runs: list[Run], title: str) -> Table | None:
+    """Do the fine-tuned methods separate? Every pair of methods on the sets' average, with two tests: paired over
+    seeds (t-test of the per-seed differences, seeds both methods ran; the training randomness is the noise) and over
+    examples (sign-flip permutation test on each test example's correctness averaged over those seeds; the test
+    sample is the noise, the trained models held fixed). Only the first says a difference is beyond the seeds' spread."""
+    by_method: dict[str, dict[int, Run]] = defaultdict(dict)
+    main = None
+    for r in sorted(runs, key=lambda r: str(r.dir)):
+        m = r.metrics.get("method")
+        main = main or r.metrics.get("main_metric", "accuracy")
+        if m != "none" and r.metrics.get("eval", {}).get(main) is not None:
+            by_method[m][int(r.metrics.get("seed", 0))] = r
+    methods = in_order(by_method, METHOD_ORDER)
+    rows = []
+    for i, a in enumerate(methods):
+        for b in methods[i + 1 :]:
+            seeds = sorted(set(by_method[a]) & set(by_method[b]))
+            if not seeds:
+                continue
+            va = np.array([by_method[a][s].metrics["eval"][main] for s in seeds], dtype=float)
+            vb = np.array([by_method[b][s].metrics["eval"][main] for s in seeds], dtype=float)
+            diff = vb - va
+            p_seed = (
+                float(stats.ttest_rel(vb, va).pvalue) if len(seeds) > 1 and not np.allclose(diff, diff[0]) else None
+            )
+            ea = [_example_scores(by_method[a][s], main) for s in seeds]
+            eb = [_example_scores(by_method[b][s], main) for s in seeds]
+            ids = sorted(set.intersection(*map(set, ea + eb)))
+            d = np.array([np.mean([e[x] for e in eb]) - np.mean([e[x] for e in ea]) for x in ids], dtype=float)
+            sd = f"{100 * diff.std(ddof=1):.2f}" if len(seeds) > 1 else "–"
+            rows.append([f"{label(b)} − {label(a)}", ",".join(map(str, seeds)), f"{100 * diff.mean():+.2f}", sd,
+                         "–" if p_seed is None else ("< 0.001" if p_seed < 1e-3 else f"{p_seed:.3f}"),
+                         _p4(sign_flip_p(d)) if len(ids) else "–", str(len(ids))])  # fmt: skip
+    if not rows:
+        return None
+    note = (
+        f"{main} x100, the average over the sets. Δ: mean over the seeds both methods ran of the per-seed difference; "
+        "sd: its standard deviation over those seeds. p (seeds): paired t-test over those seeds (the seeds' spread "
+        "is the noise). p (examples): two-sided sign-flip permutation test (20,000 draws, seed 0) of each test "
+        "example's correctness averaged over those seeds, over the n examples every run scored; it holds the "
+        "trained models fixed, so it does not say the methods differ beyond the seeds' spread."
+    )
+    header = ["Comparison", "Seeds", "Δ (x100)", "sd (x100)", "p (seeds)", "p (examples)", "n"]
+    return Table(title, header, rows, note)
+
+
 def vs_zero_shot_table(runs: list[Run], title: str) -> Table | None:
     """Does fine-tuning beat the untrained model? Per method: the 8-set average (mean ± std over seeds) against the
     zero-shot row's, with two tests: over seeds (one-sample t-test of the per-seed averages against zero-shot's one
