@@ -212,6 +212,8 @@ def test_paired_test_hand_computed():
     # d = (0.1, 0.2, 0.1): mean 0.1333, sd 0.0577, t = 4.0, df 2 -> p = 0.0572
     assert p == pytest.approx(0.0572, abs=1e-3)
     assert paired_test({1: 0.5}, {1: 0.4})[1] is None
+    # the same difference in every seed (0.672 - 0.688 twice, as counts over 250 examples give): no variance, no test
+    assert paired_test({1: 0.672, 2: 0.660}, {1: 0.688, 2: 0.676}) == (pytest.approx(-0.016), None, 2)
 
 
 def test_missing_dir_is_an_error(tmp_path, capsys):

@@ -125,13 +125,15 @@ def by_seed(runs: list[Run]) -> dict[tuple, dict[int, Run]]:
 
 
 def paired_test(a: dict[int, float], b: dict[int, float]) -> tuple[float, float | None, int]:
-    """Mean difference a-b over shared seeds and the paired t-test p-value (None with < 2 pairs or zero variance)."""
+    """Mean difference a-b over shared seeds and the paired t-test p-value (None with < 2 pairs or zero variance: the
+    t statistic is undefined there, and on a metric counted over a few hundred examples two seeds give the same
+    difference often enough that calling it p = 0 would mark chance as significant)."""
     seeds = sorted(set(a) & set(b))
     d = np.array([a[s] - b[s] for s in seeds], dtype=float)
     if len(d) < 2:
         return (float(d.mean()) if len(d) else float("nan")), None, len(d)
     if np.allclose(d, d[0]):
-        return float(d.mean()), (0.0 if d[0] != 0 else 1.0), len(d)
+        return float(d.mean()), None, len(d)
     return float(d.mean()), float(stats.ttest_rel([a[s] for s in seeds], [b[s] for s in seeds]).pvalue), len(d)
 
 
@@ -499,9 +501,7 @@ def method_pairs_table(runs: list[Run], title: str) -> Table | None:
             va = np.array([by_method[a][s].metrics["eval"][main] for s in seeds], dtype=float)
             vb = np.array([by_method[b][s].metrics["eval"][main] for s in seeds], dtype=float)
             diff = vb - va
-            p_seed = (
-                float(stats.ttest_rel(vb, va).pvalue) if len(seeds) > 1 and not np.allclose(diff, diff[0]) else None
-            )
+            p_seed = paired_test(dict(zip(seeds, vb)), dict(zip(seeds, va)))[1]
             ea = [_example_scores(by_method[a][s], main) for s in seeds]
             eb = [_example_scores(by_method[b][s], main) for s in seeds]
             ids = sorted(set.intersection(*map(set, ea + eb)))
