@@ -68,17 +68,16 @@ def main(argv: list[str] | None = None) -> int:
             res[1].write(tables_dir, f"{stem}_significance")
             written += [stem, f"{stem}_significance"]
     whole = whole_runs(runs)  # per run, not per commonsense set
-    zs = vs_zero_shot_table([r for r in whole if r.metrics.get("task_family") == "commonsense"],
-                            "Fine-tuned against zero-shot")  # fmt: skip
+    cs_whole = [r for r in whole if r.metrics.get("task_family") == "commonsense"]
+    zs = vs_zero_shot_table(cs_whole, "Fine-tuned against zero-shot")
     if zs:
         zs.write(tables_dir, "commonsense_vs_zero_shot")
         written.append("commonsense_vs_zero_shot")
-    pairs = method_pairs_table([r for r in whole if r.metrics.get("task_family") == "commonsense"],
-                               "Method against method")  # fmt: skip
+    pairs = method_pairs_table(cs_whole, "Method against method")
     if pairs:
         pairs.write(tables_dir, "commonsense_pairs")
         written.append("commonsense_pairs")
-    shares = answer_share_table([r for r in whole if r.metrics.get("task_family") == "commonsense"], CS_ORDER, CS_LABEL)
+    shares = answer_share_table(cs_whole, CS_ORDER, CS_LABEL)
     if shares:
         shares.write(tables_dir, "commonsense_answers")
         written.append("commonsense_answers")

@@ -508,8 +508,7 @@ def method_pairs_table(runs: list[Run], title: str) -> Table | None:
             d = np.array([np.mean([e[x] for e in eb]) - np.mean([e[x] for e in ea]) for x in ids], dtype=float)
             sd = f"{100 * diff.std(ddof=1):.2f}" if len(seeds) > 1 else "–"
             rows.append([f"{label(b)} − {label(a)}", ",".join(map(str, seeds)), f"{100 * diff.mean():+.2f}", sd,
-                         "–" if p_seed is None else ("< 0.001" if p_seed < 1e-3 else f"{p_seed:.3f}"),
-                         _p4(sign_flip_p(d)) if len(ids) else "–", str(len(ids))])  # fmt: skip
+                         _p3(p_seed), _p4(sign_flip_p(d)) if len(ids) else "–", str(len(ids))])  # fmt: skip
     if not rows:
         return None
     note = (
@@ -521,6 +520,11 @@ def method_pairs_table(runs: list[Run], title: str) -> Table | None:
     )
     header = ["Comparison", "Seeds", "Δ (x100)", "sd (x100)", "p (seeds)", "p (examples)", "n"]
     return Table(title, header, rows, note)
+
+
+def _p3(p: float | None) -> str:
+    """A t-test p-value to 3 places ("–" when there is no test)."""
+    return "–" if p is None else ("< 0.001" if p < 1e-3 else f"{p:.3f}")
 
 
 def vs_zero_shot_table(runs: list[Run], title: str) -> Table | None:
@@ -550,7 +554,7 @@ def vs_zero_shot_table(runs: list[Run], title: str) -> Table | None:
         ids = sorted(set(zs_ex).intersection(*map(set, per))) if per else []
         d = np.array([np.mean([p[i] for p in per]) - zs_ex[i] for i in ids], dtype=float)
         rows.append([label(m), str(len(rs)), _fmt(list(vals)), f"{100 * zs_avg:.2f}", f"{100 * (vals.mean() - zs_avg):+.2f}",
-                     "–" if p_seed is None else ("< 0.001" if p_seed < 1e-3 else f"{p_seed:.3f}"), _p4(sign_flip_p(d)) if len(ids) else "–", str(len(ids))])  # fmt: skip
+                     _p3(p_seed), _p4(sign_flip_p(d)) if len(ids) else "–", str(len(ids))])  # fmt: skip
     note = (
         f"{main} x100, the average over the sets. p (seeds): one-sample t-test of the seeds' averages against the "
         "zero-shot value. p (examples): two-sided sign-flip permutation test (20,000 draws, seed 0) of each test "
